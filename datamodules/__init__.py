@@ -1,0 +1,1 @@
+"""Lightning datamodules: the replay stream that feeds the TD3 learner."""

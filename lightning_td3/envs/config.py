@@ -1,0 +1,152 @@
+"""Environment configuration shared by every backend, validated at construction.
+
+Bad values fail here, before any simulator starts, with a message naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BACKENDS = ("highway", "carla")
+LAYOUTS = ("straight", "curvy")
+SCENARIOS = {0: "light", 1: "medium", 2: "dense"}
+IMAGE_SIZE = 84
+FRAME_STACK = 4
+
+
+def _require(ok: bool, name: str, allowed: str, got: object) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}; got {got!r}")
+
+
+@dataclass
+class RewardConfig:
+    """Weights of the seed's reward terms (see `lightning_td3.envs.reward`)."""
+
+    efficiency: float = 2.0
+    lane_keeping: float = 2.0
+    comfort: float = 1.0
+    safety: float = 1.0
+    progress: float = 3.0
+    # Charged once, times `safety`, when the episode ends in a collision or off the road.
+    crash_penalty: float = 50.0
+
+    def __post_init__(self) -> None:
+        for name in ("efficiency", "lane_keeping", "comfort", "safety", "progress", "crash_penalty"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and value >= 0, f"env.reward.{name}", "a number >= 0", value)
+
+
+@dataclass
+class CarlaConfig:
+    """How to reach a CARLA 0.9.16 server and what to load there."""
+
+    host: str = "localhost"
+    port: int = 2000
+    tm_port: int = 8000
+    timeout_s: float = 10.0
+    town: str = "Town01"
+    # NPC vehicles per scenario 0/1/2.
+    npc_vehicles: tuple[int, int, int] = (20, 50, 100)
+    camera_fov_deg: float = 90.0
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.host, str) and bool(self.host), "env.carla.host", "a non-empty host name", self.host)
+        for name in ("port", "tm_port"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and 0 < value < 65536, f"env.carla.{name}", "a port in 1..65535", value)
+        _require(self.timeout_s > 0, "env.carla.timeout_s", "> 0 seconds", self.timeout_s)
+        self.npc_vehicles = tuple(self.npc_vehicles)
+        _require(
+            len(self.npc_vehicles) == 3 and all(isinstance(n, int) and n >= 0 for n in self.npc_vehicles),
+            "env.carla.npc_vehicles",
+            "three counts >= 0 for scenarios 0/1/2",
+            self.npc_vehicles,
+        )
+
+
+@dataclass
+class EnvConfig:
+    """One driving task: backend, road, traffic, observation and episode rules.
+
+    Args:
+        backend: "highway" (embedded, no server) or "carla" (needs a running CARLA 0.9.16 server).
+        scenario: traffic level, 0/1/2 = light/medium/dense.
+        traffic_density: multiplier on the scenario's traffic (1.0 = as the scenario says).
+        layout: highway road shape, "straight" or "curvy" (S-bends from circular arcs).
+        lanes: lanes on the highway road.
+        route_length_m: length of the route to the goal along the road (highway backend).
+        target_speed_mps: the speed the efficiency reward tracks.
+        initial_speed_mps: ego speed at reset (highway backend; CARLA starts at rest).
+        policy_frequency_hz: agent decisions per simulated second (highway backend; CARLA is fixed at 20 Hz).
+        max_steps: steps before time-out (truncation).
+        num_waypoints: route waypoints in the vector observation.
+        waypoint_spacing_m: distance between those waypoints along the lane.
+        off_road_distance_m: farther than this from the nearest lane centre counts as off-road.
+        goal_radius_m: closer than this to the end of the route counts as goal reached.
+        image_size: camera image side in pixels (only 84 is supported: the NatureCNN expects it).
+        pixels_per_meter: zoom of the highway top view camera.
+        reward: weights of the reward terms.
+        carla: server connection and world settings, used by the carla backend.
+    """
+
+    backend: str = "highway"
+    scenario: int = 1
+    traffic_density: float = 1.0
+    layout: str = "straight"
+    lanes: int = 3
+    route_length_m: float = 500.0
+    target_speed_mps: float = 25.0
+    initial_speed_mps: float = 20.0
+    policy_frequency_hz: float = 5.0
+    max_steps: int = 300
+    num_waypoints: int = 25
+    waypoint_spacing_m: float = 2.0
+    off_road_distance_m: float = 2.5
+    goal_radius_m: float = 3.0
+    image_size: int = IMAGE_SIZE
+    pixels_per_meter: float = 1.75
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    carla: CarlaConfig = field(default_factory=CarlaConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reward, dict):
+            self.reward = RewardConfig(**self.reward)
+        if isinstance(self.carla, dict):
+            self.carla = CarlaConfig(**self.carla)
+        _require(self.backend in BACKENDS, "env.backend", f"one of {BACKENDS}", self.backend)
+        _require(
+            isinstance(self.scenario, int) and self.scenario in SCENARIOS,
+            "env.scenario",
+            "one of 0, 1, 2 (light, medium, dense traffic)",
+            self.scenario,
+        )
+        _require(self.traffic_density >= 0, "env.traffic_density", "a number >= 0", self.traffic_density)
+        _require(self.layout in LAYOUTS, "env.layout", f"one of {LAYOUTS}", self.layout)
+        _require(isinstance(self.lanes, int) and 1 <= self.lanes <= 6, "env.lanes", "an integer in 1..6", self.lanes)
+        _require(self.route_length_m >= 100, "env.route_length_m", ">= 100 metres", self.route_length_m)
+        _require(self.target_speed_mps > 0, "env.target_speed_mps", "> 0", self.target_speed_mps)
+        _require(self.initial_speed_mps >= 0, "env.initial_speed_mps", ">= 0", self.initial_speed_mps)
+        _require(self.policy_frequency_hz > 0, "env.policy_frequency_hz", "> 0", self.policy_frequency_hz)
+        _require(isinstance(self.max_steps, int) and self.max_steps > 0, "env.max_steps", "an integer > 0", self.max_steps)
+        _require(
+            isinstance(self.num_waypoints, int) and self.num_waypoints > 0,
+            "env.num_waypoints",
+            "an integer > 0",
+            self.num_waypoints,
+        )
+        _require(self.waypoint_spacing_m > 0, "env.waypoint_spacing_m", "> 0", self.waypoint_spacing_m)
+        _require(self.off_road_distance_m > 0, "env.off_road_distance_m", "> 0", self.off_road_distance_m)
+        _require(self.goal_radius_m > 0, "env.goal_radius_m", "> 0", self.goal_radius_m)
+        _require(
+            self.image_size == IMAGE_SIZE,
+            "env.image_size",
+            f"{IMAGE_SIZE} (the NatureCNN input size)",
+            self.image_size,
+        )
+        _require(self.pixels_per_meter > 0, "env.pixels_per_meter", "> 0", self.pixels_per_meter)
+
+    @property
+    def vector_size(self) -> int:
+        """speed, distance to goal, heading error, lateral offset, then (x, y) per waypoint."""
+        return 4 + 2 * self.num_waypoints

@@ -1,0 +1,60 @@
+"""The seed's weighted reward, shaped so that standing still is never the best policy.
+
+Every term but progress is a penalty in [-1, 0] per step (times its weight), and progress pays about +1 per
+step at the target speed. So standing still costs `efficiency` every step and earns nothing, while driving the
+route at the target speed earns `progress` every step; a crash ends the episode with `crash_penalty`.
+The seed's system rewarded lane keeping even at rest and collapsed to standing still: not here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from lightning_td3.envs.config import RewardConfig
+
+
+@dataclass
+class RewardTerms:
+    efficiency: float
+    lane_keeping: float
+    comfort: float
+    safety: float
+    progress: float
+    total: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def compute_reward(
+    weights: RewardConfig,
+    *,
+    speed_mps: float,
+    target_speed_mps: float,
+    progress_step_m: float,
+    dt: float,
+    lateral_offset_m: float,
+    off_road_distance_m: float,
+    heading_error_rad: float,
+    action_change: np.ndarray,
+    crashed: bool,
+) -> RewardTerms:
+    efficiency = -min(abs(speed_mps - target_speed_mps) / target_speed_mps, 1.0)
+    lane_keeping = -min(
+        0.5 * abs(lateral_offset_m) / off_road_distance_m + 0.5 * abs(heading_error_rad) / (math.pi / 2), 1.0
+    )
+    # Jerk proxy: how much the commands moved since the last step; each component spans at most 2.
+    comfort = -float(np.abs(action_change).sum()) / 4.0
+    safety = -weights.crash_penalty if crashed else 0.0
+    progress = progress_step_m / (target_speed_mps * dt)
+    weighted = dict(
+        efficiency=weights.efficiency * efficiency,
+        lane_keeping=weights.lane_keeping * lane_keeping,
+        comfort=weights.comfort * comfort,
+        safety=weights.safety * safety,
+        progress=weights.progress * progress,
+    )
+    return RewardTerms(**weighted, total=float(sum(weighted.values())))
