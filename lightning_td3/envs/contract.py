@@ -206,6 +206,15 @@ class DrivingEnv(gym.Env):
             "np_random": self.np_random.bit_generator.state,
         }
 
+    @property
+    def simulator_state(self) -> dict:
+        """The state as an attribute, so a gymnasium vector env can get and set it per env (`get_attr`/`set_attr`)."""
+        return self.get_state()
+
+    @simulator_state.setter
+    def simulator_state(self, state: dict) -> None:
+        self.set_state(state)
+
     def set_state(self, state: dict) -> None:
         self.backend.set_state(state["backend"])
         self._stack = state["stack"].copy()

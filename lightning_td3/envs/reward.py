@@ -57,4 +57,5 @@ def compute_reward(
         safety=weights.safety * safety,
         progress=weights.progress * progress,
     )
-    return RewardTerms(**weighted, total=float(sum(weighted.values())))
+    weighted = {name: float(value) for name, value in weighted.items()}
+    return RewardTerms(**weighted, total=sum(weighted.values()))

@@ -1,0 +1,181 @@
+"""The collector callback: steps the training envs and fills the replay buffer the learner samples from.
+
+Warm-up: uniform random actions until `learning_starts` env steps (done before the first update). Then before every
+update it steps the envs with the actor plus Gaussian noise until `updates_per_step` updates per env step hold.
+Time-outs are stored as truncations (the target still bootstraps); only collisions, leaving the road and reaching
+the goal are terminal.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from functools import partial
+
+import numpy as np
+import pytorch_lightning as pl
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
+from lightning_td3.envs import DrivingEnv, EnvConfig
+from lightning_td3.seeding import stream_rng, stream_seed
+
+WARMUP_REPORT_EVERY = 1000  # env steps between warm-up progress lines
+EPISODE_STATS = ("episode_return", "episode_length", "success", "collision", "route_completion", "avg_speed_kmh")
+
+
+def make_vector_env(config: EnvConfig, num_envs: int, asynchronous: bool) -> VectorEnv:
+    env_fns = [partial(DrivingEnv, config) for _ in range(num_envs)]
+    # SAME_STEP: a finished env resets inside the same step and hands its final observation back in `info`,
+    # so every returned observation is one the policy acts on.
+    if asynchronous and num_envs > 1:
+        return AsyncVectorEnv(env_fns, context="spawn", autoreset_mode=AutoresetMode.SAME_STEP)
+    return SyncVectorEnv(env_fns, autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+class Collector(pl.Callback):
+    """Feeds the TD3 learner.
+
+    Args:
+        learning_starts: env steps of uniform random actions before the first update (the seed: 25k).
+        exploration_noise: std of the Gaussian noise added to the actor's actions.
+        updates_per_step: TD3 updates per env step after warm-up.
+        async_envs: step the envs in subprocesses (one per env) when there are several.
+    """
+
+    def __init__(
+        self,
+        learning_starts: int = 25_000,
+        exploration_noise: float = 0.1,
+        updates_per_step: float = 1.0,
+        async_envs: bool = True,
+    ) -> None:
+        if not isinstance(learning_starts, int) or learning_starts < 1:
+            raise ValueError(f"Collector.learning_starts must be an integer >= 1; got {learning_starts!r}")
+        if exploration_noise < 0:
+            raise ValueError(f"Collector.exploration_noise must be >= 0; got {exploration_noise!r}")
+        if updates_per_step <= 0:
+            raise ValueError(f"Collector.updates_per_step must be > 0; got {updates_per_step!r}")
+        self.learning_starts = learning_starts
+        self.exploration_noise = exploration_noise
+        self.updates_per_step = updates_per_step
+        self.async_envs = async_envs
+        self.envs: VectorEnv | None = None
+        self._obs: dict[str, np.ndarray] | None = None
+        self._rng: np.random.Generator | None = None
+        self._restored: dict | None = None
+        self._last_return = 0.0
+        self._clock = (0.0, 0)  # (time, env_steps) at the last speed measurement
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, module) -> None:
+        data = trainer.datamodule
+        if data is None or getattr(data, "buffer", None) is None:
+            raise RuntimeError("the Collector needs the ReplayDataModule (data: class_path: datamodules.replay.ReplayDataModule)")
+        self.envs = make_vector_env(data.env, data.num_envs, self.async_envs)
+        self._rng = stream_rng("exploration", trainer.global_rank)
+        if self._restored is not None:
+            self._resume(self._restored, data.buffer, trainer.global_rank)
+            self._restored = None
+        else:
+            self._obs, _ = self.envs.reset(seed=stream_seed("train_envs", trainer.global_rank) % 2**31)
+        self._clock = (time.perf_counter(), module.env_steps)
+        while module.env_steps < self.learning_starts:
+            self._collect(trainer, module)
+            if module.env_steps % WARMUP_REPORT_EVERY < data.num_envs:
+                rank_zero_info(f"warm-up: {module.env_steps}/{self.learning_starts} random env steps")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module, batch, batch_idx: int) -> None:
+        while (module.env_steps - self.learning_starts) * self.updates_per_step < module.updates + 1:
+            self._collect(trainer, module)
+        module.log_dict(
+            {"env_steps": float(module.env_steps), "episodes": float(module.episodes),
+             "sps": self._steps_per_second(module), "last_return": self._last_return},
+            prog_bar=True, on_step=True, on_epoch=False, batch_size=1,
+        )
+
+    def teardown(self, trainer: pl.Trainer, module, stage: str) -> None:
+        if self.envs is not None:
+            self.envs.close()
+            self.envs = None
+
+    # --- collection --------------------------------------------------------------------------------------------
+
+    def _collect(self, trainer: pl.Trainer, module) -> None:
+        num_envs = self.envs.num_envs
+        if module.env_steps < self.learning_starts:
+            actions = self._rng.uniform(-1.0, 1.0, (num_envs, 2)).astype(np.float32)
+        else:
+            noise = self._rng.normal(0.0, self.exploration_noise, (num_envs, 2))
+            actions = np.clip(module.act(self._obs) + noise, -1.0, 1.0).astype(np.float32)
+        obs, reward, terminated, truncated, info = self.envs.step(actions)
+        done = terminated | truncated
+        next_obs = _with_final_observations(obs, info, done)
+        trainer.datamodule.buffer.add(self._obs, actions, reward, next_obs, terminated, truncated)
+        self._obs = obs
+        module.env_steps += num_envs
+        if done.any():
+            self._record_episodes(module, info["final_info"], np.flatnonzero(done))
+
+    def _record_episodes(self, module, final_info: dict, finished: np.ndarray) -> None:
+        for index in finished:
+            stats = {f"train/{name}": float(final_info[name][index]) for name in EPISODE_STATS}
+            module.episodes += 1
+            self._last_return = stats["train/episode_return"]
+            module.log_vs_env_steps(stats)
+
+    def _steps_per_second(self, module) -> float:
+        now = time.perf_counter()
+        then, steps_then = self._clock
+        if now - then < 1.0:
+            return getattr(self, "_sps", 0.0)
+        self._sps = (module.env_steps - steps_then) / (now - then)
+        self._clock = (now, module.env_steps)
+        return self._sps
+
+    # --- checkpointing: Lightning saves callback state_dicts with every checkpoint ---------------------------------
+
+    def state_dict(self) -> dict:
+        if self.envs is None:
+            return {}
+        try:
+            # Pickled: simulator objects are not tensors, and bytes pass Lightning's weights_only loading.
+            env_states = pickle.dumps(list(self.envs.get_attr("simulator_state")))
+        except NotImplementedError as why:
+            rank_zero_warn(f"env state is not saved ({why}); a resumed run restarts its training episodes")
+            env_states = None
+        return {
+            "obs": arrays_to_tensors(self._obs),
+            "env_states": env_states,
+            "rng": self._rng.bit_generator.state,
+            "last_return": self._last_return,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Envs do not exist yet at restore time; they are built and put back in on_fit_start.
+        self._restored = state_dict or None
+
+    def _resume(self, state: dict, buffer, rank: int) -> None:
+        self._rng.bit_generator.state = state["rng"]
+        self._last_return = state["last_return"]
+        if state["env_states"] is None:
+            for env_index in range(self.envs.num_envs):
+                buffer.drop_episode(env_index)
+            self._obs, _ = self.envs.reset(seed=stream_seed("train_envs_resumed", rank) % 2**31)
+            return
+        self.envs.reset()
+        self.envs.set_attr("simulator_state", pickle.loads(state["env_states"]))
+        self._obs = tensors_to_arrays(state["obs"])
+
+
+def _with_final_observations(obs: dict[str, np.ndarray], info: dict, done: np.ndarray) -> dict[str, np.ndarray]:
+    """The true next observations: for finished envs the final one, not the first of the next episode."""
+    if not done.any():
+        return obs
+    next_obs = {key: value.copy() for key, value in obs.items()}
+    for index in np.flatnonzero(done):
+        for key in next_obs:
+            next_obs[key][index] = info["final_obs"][index][key]
+    return next_obs

@@ -1,0 +1,123 @@
+"""The one evaluation harness: every policy (random, IDM+MOBIL, the TD3 agent) is scored the same way.
+
+A policy drives `DrivingEnv` episodes through the action space only; each episode's final `info` becomes an
+`EpisodeResult`, and `EvaluationMetrics` averages them. Its states are sums with `dist_reduce_fx="sum"`, so
+results gathered on several DDP ranks reduce to the mean over all episodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+
+from lightning_td3.envs.config import EnvConfig
+from lightning_td3.envs.contract import DrivingEnv
+
+
+class Policy(Protocol):
+    def reset(self, seed: int) -> None:
+        """Called at the start of every episode, after the env reset with the same seed."""
+
+    def act(self, obs: dict[str, np.ndarray], env: DrivingEnv) -> np.ndarray:
+        """Action [steer, throttle_brake] in [-1, 1]^2. Learned agents ignore `env`; rule-based ones read the
+        world from `env.scene()` and `env.limits` but act only through the returned action."""
+
+
+@dataclass
+class EpisodeResult:
+    success: bool
+    collision: bool
+    avg_speed_kmh: float
+    episode_return: float
+    episode_length: int
+    route_completion: float
+    reason: str | None  # one of contract.REASONS
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> EpisodeResult:
+        """Build from the `info` of an episode's last `DrivingEnv.step`."""
+        return cls(
+            success=bool(info["success"]),
+            collision=bool(info["collision"]),
+            avg_speed_kmh=float(info["avg_speed_kmh"]),
+            episode_return=float(info["episode_return"]),
+            episode_length=int(info["episode_length"]),
+            route_completion=float(info["route_completion"]),
+            reason=info["reason"],
+        )
+
+
+@dataclass
+class EpisodeSpec:
+    """One evaluation episode: which task and which seed (an item of a validation dataloader)."""
+
+    env_config: EnvConfig
+    seed: int
+
+
+def run_episode(env: DrivingEnv, policy: Policy, seed: int) -> EpisodeResult:
+    obs, info = env.reset(seed=seed)
+    policy.reset(seed)
+    terminated = truncated = False
+    while not (terminated or truncated):
+        obs, _, terminated, truncated, info = env.step(policy.act(obs, env))
+    return EpisodeResult.from_info(info)
+
+
+# Metric name -> the EpisodeResult field averaged into it.
+METRIC_FIELDS = {
+    "eval/success_rate": "success",
+    "eval/collision_rate": "collision",
+    "eval/avg_speed_kmh": "avg_speed_kmh",
+    "eval/episode_return": "episode_return",
+    "eval/episode_length": "episode_length",
+    "eval/route_completion": "route_completion",
+}
+
+
+class EvaluationMetrics(Metric):
+    """Means over episodes of success, collision, speed, return, length and route completion."""
+
+    full_state_update = False
+    higher_is_better = None
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        for field_name in METRIC_FIELDS.values():
+            self.add_state(_sum_state(field_name), torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("episodes", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, result: EpisodeResult) -> None:
+        for field_name in METRIC_FIELDS.values():
+            state_name = _sum_state(field_name)
+            setattr(self, state_name, getattr(self, state_name) + float(getattr(result, field_name)))
+        self.episodes += 1
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        # With no episodes every mean is 0/0; report NaN rather than a made-up number.
+        count = self.episodes.to(torch.float64)
+        return {
+            metric_name: (getattr(self, _sum_state(field_name)) / count).to(torch.float32)
+            for metric_name, field_name in METRIC_FIELDS.items()
+        }
+
+
+def _sum_state(field_name: str) -> str:
+    return f"sum_{field_name}"
+
+
+def evaluate(policy: Policy, env_config: EnvConfig, seeds: Iterable[int]) -> dict[str, float]:
+    """Run one episode per seed on a fresh env and return the mean metrics (keys as `EvaluationMetrics`)."""
+    env = DrivingEnv(env_config)
+    metrics = EvaluationMetrics()
+    try:
+        for seed in seeds:
+            metrics.update(run_episode(env, policy, int(seed)))
+    finally:
+        env.close()
+    return {name: value.item() for name, value in metrics.compute().items()}

@@ -1,0 +1,111 @@
+"""Actor and twin critic for visual TD3: each owns a NatureCNN over the 4-frame stack plus an MLP head.
+
+The actor and the critic never share a CNN: the critic's loss alone trains the critic's CNN and the actor's
+loss alone trains the actor's (as SB3's TD3 with `share_features_extractor=False`), so neither loss can
+drag the other's features around. The critic's two Q heads do share the critic's CNN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LEAKY_SLOPE = 0.01
+
+
+def _init_he(layer: nn.Conv2d | nn.Linear) -> None:
+    nn.init.kaiming_normal_(layer.weight, a=LEAKY_SLOPE, nonlinearity="leaky_relu")
+    nn.init.zeros_(layer.bias)
+
+
+class NatureCNN(nn.Module):
+    """uint8 (B, 4, 84, 84) frame stack -> (B, feature_size) features, the DQN Nature encoder with LeakyReLU."""
+
+    def __init__(self, in_channels: int = 4, feature_size: int = 512):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_channels, 32, kernel_size=8, stride=4),
+            nn.LeakyReLU(LEAKY_SLOPE),
+            nn.Conv2d(32, 64, kernel_size=4, stride=2),
+            nn.LeakyReLU(LEAKY_SLOPE),
+            nn.Conv2d(64, 64, kernel_size=3, stride=1),
+            nn.LeakyReLU(LEAKY_SLOPE),
+            nn.Flatten(),
+        )
+        self.linear = nn.Sequential(nn.Linear(64 * 7 * 7, feature_size), nn.LeakyReLU(LEAKY_SLOPE))
+        for layer in self.modules():
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                _init_he(layer)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        # Scaling here rather than in the replay buffer or data path keeps images uint8 (4x smaller) until
+        # they reach the device, and makes it impossible to feed a net pre-scaled pixels by accident.
+        if image.dtype != torch.uint8:
+            raise TypeError(f"NatureCNN expects a uint8 image; got {image.dtype}")
+        pixels = image.float() / 127.5 - 1.0
+        return self.linear(self.convs(pixels))
+
+
+def mlp(in_size: int, hidden_sizes: tuple[int, ...], out_size: int, layer_norm: bool = False) -> nn.Sequential:
+    """Linear [-> LayerNorm] -> LeakyReLU per hidden size, then a plain Linear output layer."""
+    layers: list[nn.Module] = []
+    for size in hidden_sizes:
+        hidden = nn.Linear(in_size, size)
+        _init_he(hidden)
+        layers += [hidden, nn.LayerNorm(size)] if layer_norm else [hidden]
+        layers.append(nn.LeakyReLU(LEAKY_SLOPE))
+        in_size = size
+    # The output layer keeps PyTorch's default (smaller) init: a He-scaled output would start the actor's
+    # tanh near saturation and the critics' Q far from 0.
+    layers.append(nn.Linear(in_size, out_size))
+    return nn.Sequential(*layers)
+
+
+class Actor(nn.Module):
+    """(image, vector) -> action in (-1, 1)^action_size."""
+
+    def __init__(
+        self,
+        vector_size: int,
+        action_size: int = 2,
+        hidden_sizes: tuple[int, ...] = (256, 256),
+        feature_size: int = 512,
+        layer_norm: bool = False,
+    ):
+        super().__init__()
+        self.cnn = NatureCNN(feature_size=feature_size)
+        self.head = mlp(feature_size + vector_size, tuple(hidden_sizes), action_size, layer_norm)
+
+    def forward(self, image: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.head(torch.cat([self.cnn(image), vector], dim=1)))
+
+
+class TwinCritic(nn.Module):
+    """Two Q heads over one critic CNN: (image, vector, action) -> (q1, q2), each (B, 1)."""
+
+    def __init__(
+        self,
+        vector_size: int,
+        action_size: int = 2,
+        hidden_sizes: tuple[int, ...] = (256, 256),
+        feature_size: int = 512,
+        layer_norm: bool = False,
+    ):
+        super().__init__()
+        self.cnn = NatureCNN(feature_size=feature_size)
+        head_input = feature_size + vector_size + action_size
+        self.q1_head = mlp(head_input, tuple(hidden_sizes), 1, layer_norm)
+        self.q2_head = mlp(head_input, tuple(hidden_sizes), 1, layer_norm)
+
+    def _head_input(self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.cnn(image), vector, action], dim=1)
+
+    def forward(
+        self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        head_input = self._head_input(image, vector, action)
+        return self.q1_head(head_input), self.q2_head(head_input)
+
+    def q1(self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Q1 only, for the actor loss (TD3 maximises Q1 alone)."""
+        return self.q1_head(self._head_input(image, vector, action))

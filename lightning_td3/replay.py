@@ -1,0 +1,289 @@
+"""Replay buffer that stores every 84x84 frame once and rebuilds the 4-frame stacks when sampling.
+
+A transition's obs and next_obs stacks share 7 of their 8 frames, and consecutive transitions share most of
+the rest, so storing stacks (as SB3 does: obs + next_obs, 56,888 bytes per transition) keeps each frame 8
+times. Here each env has its own ring of slots; a slot holds one observation's newest frame and vector, and
+the transition taken from it. A stack is rebuilt from the slot and the up to 3 slots before it in the same
+ring, which belong to the same episode because an env writes its episodes one after another.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+FRAME_STACK = 4
+
+
+class ReplayBuffer:
+    """Uniform replay over transitions collected from `num_envs` envs stepped together.
+
+    Args:
+        capacity: transitions to keep in all; rounded up to a multiple of `num_envs` (one ring per env).
+        num_envs: envs of the vector env the collector steps; `add` takes batches of this size.
+        vector_size: size of the observation's `vector`.
+        action_size: size of an action.
+        frame_shape: (height, width) of one grayscale frame.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        num_envs: int = 1,
+        vector_size: int = 54,
+        action_size: int = 2,
+        frame_shape: tuple[int, int] = (84, 84),
+    ):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1; got {num_envs}")
+        if capacity < 2 * num_envs:
+            raise ValueError(f"capacity must be >= 2 * num_envs = {2 * num_envs} (two slots per env); got {capacity}")
+        self.num_envs = num_envs
+        self.slots_per_env = math.ceil(capacity / num_envs)
+        self.vector_size = vector_size
+        self.action_size = action_size
+        self.frame_shape = tuple(frame_shape)
+        self._allocate()
+
+    def _allocate(self) -> None:
+        """Empty storage and rings. np.zeros maps pages lazily: a 1M buffer costs memory only as it fills."""
+        rings = (self.num_envs, self.slots_per_env)
+        self._frames = np.zeros(rings + self.frame_shape, np.uint8)  # each slot's observation's newest frame
+        self._vectors = np.zeros(rings + (self.vector_size,), np.float32)
+        self._steps = np.zeros(rings, np.int32)  # step of the slot's observation in its episode, 0 = reset obs
+        self._actions = np.zeros(rings + (self.action_size,), np.float32)
+        self._rewards = np.zeros(rings, np.float32)
+        self._terminated = np.zeros(rings, bool)
+        self._has_next = np.zeros(rings, bool)  # the next slot holds this one's next_obs: a transition starts here
+        self._heads = np.zeros(self.num_envs, np.int64)  # slot each ring writes next
+        self._written = np.zeros(self.num_envs, np.int64)  # slots each ring has ever written
+        self._episode_open = np.zeros(self.num_envs, bool)  # the ring's newest slot may still get a next_obs
+        self._transitions = np.zeros(self.num_envs, np.int64)  # has_next slots per ring, kept up to date by writes
+
+    @property
+    def capacity(self) -> int:
+        """Slots in all rings: the transitions the buffer can hold (minus one per episode end)."""
+        return self.num_envs * self.slots_per_env
+
+    @property
+    def bytes_per_transition(self) -> float:
+        """Bytes of all storage arrays per slot."""
+        return sum(array.nbytes for array in self._storage().values()) / self.capacity
+
+    def __len__(self) -> int:
+        return int(self._transitions.sum() - self._stale_starts().sum())
+
+    def add(
+        self,
+        obs: dict[str, np.ndarray],
+        action: np.ndarray,
+        reward: np.ndarray,
+        next_obs: dict[str, np.ndarray],
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        mask: np.ndarray | None = None,
+    ) -> None:
+        """Add one vector-env step: arrays batched over envs, `image` (N, 4, H, W) uint8, `vector` (N, V).
+
+        `mask` (N,) marks the envs whose transition is real; pass False for gymnasium's NEXT_STEP autoreset
+        steps, where obs is a final observation and next_obs a reset one. An env without an open episode
+        starts one from `obs`, which must therefore be a reset observation (a stack of 4 equal frames).
+        Truncation closes the episode like termination but keeps `terminated` False, so TD targets still
+        bootstrap through a time-out.
+        """
+        self._check_batch(obs, "obs")
+        self._check_batch(next_obs, "next_obs")
+        envs = np.arange(self.num_envs) if mask is None else np.flatnonzero(np.asarray(mask, bool))
+        if envs.size == 0:
+            return
+        starting = envs[~self._episode_open[envs]]
+        continuing = envs[self._episode_open[envs]]
+        self._check_episode_starts(obs["image"][starting], starting)
+        self._check_continuations(obs["image"][continuing], continuing)
+
+        if starting.size:
+            self._write_slots(starting, obs["image"][starting, -1], obs["vector"][starting], np.zeros(starting.size, np.int32))
+            self._episode_open[starting] = True
+        current = (self._heads[envs] - 1) % self.slots_per_env
+        self._actions[envs, current] = np.asarray(action, np.float32)[envs]
+        self._rewards[envs, current] = np.asarray(reward, np.float32)[envs]
+        self._terminated[envs, current] = np.asarray(terminated, bool)[envs]
+        self._has_next[envs, current] = True
+        self._transitions[envs] += 1
+        self._write_slots(envs, next_obs["image"][envs, -1], next_obs["vector"][envs], self._steps[envs, current] + 1)
+        episode_over = np.asarray(terminated, bool)[envs] | np.asarray(truncated, bool)[envs]
+        self._episode_open[envs[episode_over]] = False
+
+    def drop_episode(self, env_index: int) -> None:
+        """Close env `env_index`'s open episode without a next_obs, e.g. after its simulator crashed.
+
+        Its newest observation stays a possible next_obs of the transition before it but never starts one, and
+        the env's next `add` must start a new episode from a reset observation.
+        """
+        self._episode_open[env_index] = False
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """`batch_size` transitions drawn uniformly (with replacement) from all valid ones in all rings."""
+        if len(self) == 0:
+            raise ValueError("cannot sample from a replay buffer without complete transitions")
+        rings, slots = self._sample_starts(batch_size, rng)
+        image = self._stack(rings, slots)
+        next_slots = (slots + 1) % self.slots_per_env
+        # The env's next stack is its stack rolled left plus the new frame; rebuilding it from the next slot's
+        # own step gives exactly that (same episode, step + 1), so reuse 3 frames instead of gathering 4.
+        next_image = np.concatenate([image[:, 1:], self._frames[rings, next_slots][:, None]], axis=1)
+        return {
+            "image": image,
+            "vector": self._vectors[rings, slots],
+            "action": self._actions[rings, slots],
+            "reward": self._rewards[rings, slots],
+            "next_image": next_image,
+            "next_vector": self._vectors[rings, next_slots],
+            "terminated": self._terminated[rings, slots].astype(np.float32),
+        }
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: the written part of the storage, ring heads and open episodes."""
+        filled = self._filled_slots()
+        return {
+            "config": self._config(),
+            "storage": {name: array[:, :filled].copy() for name, array in self._storage().items()},
+            "heads": self._heads.copy(),
+            "written": self._written.copy(),
+            "episode_open": self._episode_open.copy(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s state; raises ValueError naming what differs if it is another buffer's."""
+        saved_config, config = state["config"], self._config()
+        mismatches = [
+            f"{name} saved {saved_config.get(name)!r}, this buffer {value!r}"
+            for name, value in config.items()
+            if not np.array_equal(saved_config.get(name), value)
+        ]
+        if mismatches:
+            raise ValueError("replay buffer state does not fit this buffer: " + "; ".join(mismatches))
+        filled = int(min(np.max(state["written"]), self.slots_per_env))
+        for name, array in self._storage().items():
+            saved = np.asarray(state["storage"][name])
+            expected_shape = (self.num_envs, filled) + array.shape[2:]
+            if saved.shape != expected_shape or saved.dtype != array.dtype:
+                raise ValueError(
+                    f"replay buffer state: storage {name!r} is {saved.dtype} {saved.shape}, "
+                    f"expected {array.dtype} {expected_shape}"
+                )
+        # Fresh arrays rather than overwriting: slots beyond the saved part must be empty, and zeroing them in
+        # place would touch every page of a big buffer.
+        self._allocate()
+        for name, array in self._storage().items():
+            array[:, :filled] = state["storage"][name]
+        self._heads[:] = state["heads"]
+        self._written[:] = state["written"]
+        self._episode_open[:] = state["episode_open"]
+        self._transitions[:] = self._has_next.sum(axis=1)
+
+    def _config(self) -> dict:
+        return {
+            "num_envs": self.num_envs,
+            "capacity": self.capacity,
+            "vector_size": self.vector_size,
+            "action_size": self.action_size,
+            "frame_shape": self.frame_shape,
+        }
+
+    def _storage(self) -> dict[str, np.ndarray]:
+        return {
+            "frames": self._frames,
+            "vectors": self._vectors,
+            "steps": self._steps,
+            "actions": self._actions,
+            "rewards": self._rewards,
+            "terminated": self._terminated,
+            "has_next": self._has_next,
+        }
+
+    def _filled_slots(self) -> int:
+        """Slots per ring that any ring has written (rings fill from slot 0)."""
+        return int(min(self._written.max(), self.slots_per_env))
+
+    def _check_batch(self, obs: dict[str, np.ndarray], name: str) -> None:
+        image_shape = (self.num_envs, FRAME_STACK) + self.frame_shape
+        if obs["image"].shape != image_shape or obs["image"].dtype != np.uint8:
+            raise ValueError(f"{name}['image'] must be uint8 {image_shape}; got {obs['image'].dtype} {obs['image'].shape}")
+        if obs["vector"].shape != (self.num_envs, self.vector_size):
+            raise ValueError(f"{name}['vector'] must be {(self.num_envs, self.vector_size)}; got {obs['vector'].shape}")
+
+    def _check_episode_starts(self, images: np.ndarray, envs: np.ndarray) -> None:
+        not_reset = envs[~np.all(images == images[:, :1], axis=(1, 2, 3))]
+        if not_reset.size:
+            raise ValueError(
+                f"env(s) {not_reset.tolist()} start an episode in the replay buffer from an observation that is "
+                "not a reset one (its 4 frames differ); the buffer needs episodes from their reset: mask out "
+                "autoreset steps and call drop_episode before resetting an env by hand"
+            )
+
+    def _check_continuations(self, images: np.ndarray, envs: np.ndarray) -> None:
+        newest = self._frames[envs, (self._heads[envs] - 1) % self.slots_per_env]
+        broken = envs[~np.all(images[:, -1] == newest, axis=(1, 2))]
+        if broken.size:
+            raise ValueError(
+                f"env(s) {broken.tolist()}: obs is not the next_obs of the previous add; if an env was reset "
+                "outside an episode end, call drop_episode first"
+            )
+
+    def _write_slots(self, envs: np.ndarray, frames: np.ndarray, vectors: np.ndarray, steps: np.ndarray) -> None:
+        slots = self._heads[envs]
+        self._transitions[envs] -= self._has_next[envs, slots]  # the overwritten slot's transition is gone
+        self._frames[envs, slots] = frames
+        self._vectors[envs, slots] = vectors
+        self._steps[envs, slots] = steps
+        self._has_next[envs, slots] = False
+        self._heads[envs] = (slots + 1) % self.slots_per_env
+        self._written[envs] += 1
+
+    def _intact_older_slots(self, rings: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """How many slots written before each given slot still hold their data (not yet overwritten)."""
+        age = (self._heads[rings] - 1 - slots) % self.slots_per_env  # 0 = the ring's newest slot
+        return np.minimum(self._written[rings], self.slots_per_env) - 1 - age
+
+    def _is_valid_start(self, rings: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        # A slot's next slot is always intact when has_next is set: writing a slot clears its has_next and only
+        # writing its successor sets it, so the newest slot (whose successor is the oldest) never has it.
+        # Its stack needs min(step, 3) older slots; after a wrap the oldest slots' ones are overwritten.
+        needed = np.minimum(self._steps[rings, slots], FRAME_STACK - 1)
+        return self._has_next[rings, slots] & (self._intact_older_slots(rings, slots) >= needed)
+
+    def _stale_starts(self) -> np.ndarray:
+        """Per ring, has_next slots that are no valid start; only a ring's 3 oldest intact slots can be such."""
+        filled = np.minimum(self._written, self.slots_per_env)[:, None]
+        nth_oldest = np.arange(FRAME_STACK - 1)[None, :]
+        slots = (self._heads[:, None] - filled + nth_oldest) % self.slots_per_env
+        rings = np.broadcast_to(np.arange(self.num_envs)[:, None], slots.shape)
+        stale = (nth_oldest < filled) & self._has_next[rings, slots] & ~self._is_valid_start(rings, slots)
+        return stale.sum(axis=1)
+
+    def _sample_starts(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Uniform over valid starts by rejection: draw uniformly over written slots, keep the valid ones.
+
+        Invalid slots are few (an episode's last observation, the ring's 3 oldest), so this rarely redraws,
+        and it needs no index of valid slots to maintain.
+        """
+        filled_per_ring = np.minimum(self._written, self.slots_per_env)
+        ring_starts = np.cumsum(filled_per_ring) - filled_per_ring
+        rings, slots = np.empty(0, np.int64), np.empty(0, np.int64)
+        while rings.size < batch_size:
+            flat = rng.integers(filled_per_ring.sum(), size=2 * batch_size)
+            draw_rings = np.searchsorted(ring_starts, flat, side="right") - 1
+            draw_slots = flat - ring_starts[draw_rings]
+            valid = self._is_valid_start(draw_rings, draw_slots)
+            rings = np.concatenate([rings, draw_rings[valid]])
+            slots = np.concatenate([slots, draw_slots[valid]])
+        return rings[:batch_size], slots[:batch_size]
+
+    def _stack(self, rings: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """(B, 4, H, W) frame stacks: position j is min(3 - j, step) slots back, the env's reset padding."""
+        frames_back = np.arange(FRAME_STACK - 1, -1, -1)
+        back = np.minimum(frames_back[None, :], self._steps[rings, slots][:, None])
+        sources = (slots[:, None] - back) % self.slots_per_env
+        return self._frames[rings[:, None], sources]

@@ -1,0 +1,268 @@
+"""TD3 (Fujimoto et al., 2018) from pixels as a LightningModule with manual optimization.
+
+The actor and the twin critics each own a NatureCNN, trained end-to-end from the RL losses. Data come from the
+replay datamodule; the `Collector` callback steps the envs and advances `env_steps`, the counter that logs and
+schedules use (Lightning's `global_step` counts optimizer steps: 1.5 per update with a policy delay of 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
+from lightning_td3.driving_module import DrivingModule
+from lightning_td3.envs import DrivingEnv
+from lightning_td3.evaluation import Policy
+from lightning_td3.networks import Actor, TwinCritic
+
+CHECKPOINT_KEY = "td3_progress"
+
+
+def clipped_double_q_target(
+    reward: torch.Tensor,
+    terminated: torch.Tensor,
+    next_q1: torch.Tensor,
+    next_q2: torch.Tensor,
+    gamma: float,
+) -> torch.Tensor:
+    """y = r + γ (1 − terminated) min(Q1', Q2'); a time-out is not terminal, so it still bootstraps."""
+    return reward + gamma * (1.0 - terminated) * torch.minimum(next_q1, next_q2)
+
+
+def smoothed_target_action(
+    target_action: torch.Tensor, noise_std: float, noise_clip: float
+) -> torch.Tensor:
+    """Target policy smoothing: clipped Gaussian noise keeps the critic from exploiting sharp Q peaks."""
+    noise = (torch.randn_like(target_action) * noise_std).clamp(-noise_clip, noise_clip)
+    return (target_action + noise).clamp(-1.0, 1.0)
+
+
+class TD3(DrivingModule):
+    """TD3 with separate actor and critic NatureCNNs.
+
+    Args:
+        vector_size: length of the vector observation (linked from `data.env` by the CLI).
+        hidden_sizes: hidden layers of the actor and critic heads.
+        layer_norm: LayerNorm in the heads (stabilises Q-learning from pixels).
+        actor_lr: Adam learning rate of the actor (and its CNN).
+        critic_lr: Adam learning rate of the twin critics (and their CNN).
+        gamma: discount.
+        tau: Polyak averaging rate of the target networks.
+        policy_noise: std of the target policy smoothing noise.
+        noise_clip: clip of that noise.
+        policy_delay: critic updates per actor (and target) update.
+        max_grad_norm: gradient clipping (L2 norm) for both optimizers.
+        log_every_n_updates: how often losses, Q statistics and grad norms are logged.
+        log_images_every_n_updates: how often camera stacks, histograms and CNN feature statistics are logged.
+    """
+
+    def __init__(
+        self,
+        vector_size: int = 54,
+        hidden_sizes: tuple[int, ...] = (256, 256),
+        layer_norm: bool = False,
+        actor_lr: float = 3e-4,
+        critic_lr: float = 3e-4,
+        gamma: float = 0.99,
+        tau: float = 0.005,
+        policy_noise: float = 0.2,
+        noise_clip: float = 0.5,
+        policy_delay: int = 2,
+        max_grad_norm: float = 10.0,
+        log_every_n_updates: int = 100,
+        log_images_every_n_updates: int = 5000,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"model.gamma must be in [0, 1); got {gamma!r}")
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"model.tau must be in (0, 1]; got {tau!r}")
+        if not isinstance(policy_delay, int) or policy_delay < 1:
+            raise ValueError(f"model.policy_delay must be an integer >= 1; got {policy_delay!r}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.actor = Actor(vector_size=vector_size, hidden_sizes=tuple(hidden_sizes), layer_norm=layer_norm)
+        self.critic = TwinCritic(vector_size=vector_size, hidden_sizes=tuple(hidden_sizes), layer_norm=layer_norm)
+        self.actor_target = _frozen_copy(self.actor)
+        self.critic_target = _frozen_copy(self.critic)
+        # Progress counters, advanced by the Collector and by training_step, saved with every checkpoint.
+        self.env_steps = 0
+        self.episodes = 0
+        self.updates = 0
+
+    def configure_optimizers(self):
+        fused = torch.cuda.is_available()
+        return (
+            torch.optim.Adam(self.actor.parameters(), lr=self.hparams.actor_lr, fused=fused),
+            torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, fused=fused),
+        )
+
+    def training_step(self, dataloader_iter: Iterator) -> None:
+        hp = self.hparams
+        actor_optimizer, critic_optimizer = self.optimizers()
+        batch = self._next_batch(dataloader_iter)
+        image, vector, action = batch["image"], batch["vector"], batch["action"]
+
+        # Critic: regress both Q heads onto the clipped double-Q target of the smoothed target policy.
+        with torch.no_grad():
+            next_action = smoothed_target_action(
+                self.actor_target(batch["next_image"], batch["next_vector"]), hp.policy_noise, hp.noise_clip
+            )
+            next_q1, next_q2 = self.critic_target(batch["next_image"], batch["next_vector"], next_action)
+            target_q = clipped_double_q_target(batch["reward"], batch["terminated"], next_q1, next_q2, hp.gamma)
+        q1, q2 = self.critic(image, vector, action)
+        critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        critic_grad_norm = self._step(critic_optimizer, critic_loss, self.critic)
+
+        # Actor (delayed): follow the first critic's gradient, then let the targets trail the online nets.
+        actor_loss = actor_grad_norm = None
+        if self.updates % hp.policy_delay == 0:
+            actor_loss = -self.critic.q1(image, vector, self.actor(image, vector)).mean()
+            actor_grad_norm = self._step(actor_optimizer, actor_loss, self.actor)
+            _polyak_update(self.actor, self.actor_target, hp.tau)
+            _polyak_update(self.critic, self.critic_target, hp.tau)
+
+        self.updates += 1
+        if self.updates % hp.log_every_n_updates == 0:
+            self._log_update(critic_loss, actor_loss, q1, critic_grad_norm, actor_grad_norm)
+        if self.updates % hp.log_images_every_n_updates == 0:
+            self._log_visuals(image)
+
+    # --- acting ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def act(self, observation: dict[str, np.ndarray]) -> np.ndarray:
+        """Deterministic actions for a batch of observations (numpy in, numpy out)."""
+        image = torch.as_tensor(observation["image"], device=self.device)
+        vector = torch.as_tensor(observation["vector"], device=self.device)
+        return self.actor(image, vector).float().cpu().numpy()
+
+    def policy(self) -> Policy:
+        return _ActorPolicy(self)
+
+    # --- checkpoint: what Lightning does not save itself --------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "env_steps": self.env_steps,
+            "episodes": self.episodes,
+            "updates": self.updates,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": arrays_to_tensors(np.random.get_state(legacy=False)),
+                "python": random.getstate(),
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        progress = checkpoint.get(CHECKPOINT_KEY)
+        if progress is None:
+            raise ValueError(
+                f"this checkpoint has no '{CHECKPOINT_KEY}' entry: it was not written by lightning_td3.td3.TD3"
+            )
+        self.env_steps = progress["env_steps"]
+        self.episodes = progress["episodes"]
+        self.updates = progress["updates"]
+        rng = progress["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(tensors_to_arrays(rng["numpy"]))
+        random.setstate(rng["python"])
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._log_evaluation()
+        self.log_vs_env_steps(metrics)
+
+    # --- helpers -----------------------------------------------------------------------------------------------
+
+    def _next_batch(self, dataloader_iter: Iterator) -> dict[str, torch.Tensor]:
+        batch, _, _ = next(dataloader_iter)
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+
+    def _step(self, optimizer, loss: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        # Measured before clipping, so the log shows how hard clipping works.
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in network.parameters() if p.grad is not None])
+        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        return grad_norm
+
+    def _log_update(self, critic_loss, actor_loss, q1, critic_grad_norm, actor_grad_norm) -> None:
+        scalars = {
+            "train/critic_loss": critic_loss.item(),
+            "train/q_mean": q1.mean().item(),
+            "train/q_max": q1.max().item(),
+            "train/critic_grad_norm": critic_grad_norm.item(),
+            "train/updates": float(self.updates),
+        }
+        if actor_loss is not None:
+            scalars["train/actor_loss"] = actor_loss.item()
+            scalars["train/actor_grad_norm"] = actor_grad_norm.item()
+        self.log_dict(scalars, batch_size=1)  # the dataloader_iter step flavour makes Lightning ask
+        self.log_vs_env_steps(scalars)
+
+    def log_vs_env_steps(self, scalars: dict[str, float]) -> None:
+        # Logged against env steps too: global_step counts optimizer steps, which mean little to an RL reader.
+        experiment = self._tensorboard()
+        if experiment is not None:
+            for name, value in scalars.items():
+                experiment.add_scalar(f"{name}_vs_env_steps", value, self.env_steps)
+
+    def _log_visuals(self, image: torch.Tensor) -> None:
+        experiment = self._tensorboard()
+        if experiment is None:
+            return
+        step = self.env_steps
+        # The four stacked frames of one sample, side by side, as the CNNs see them.
+        experiment.add_image("obs/camera_stack", torch.cat(list(image[0]), dim=1).unsqueeze(0), step)
+        for name, network in (("actor", self.actor), ("critic", self.critic)):
+            for param_name, param in network.named_parameters():
+                experiment.add_histogram(f"weights/{name}.{param_name}", param.detach().float().cpu(), step)
+                if param.grad is not None:
+                    experiment.add_histogram(f"grads/{name}.{param_name}", param.grad.float().cpu(), step)
+            with torch.no_grad():
+                features = network.cnn(image)
+            experiment.add_scalar(f"cnn/{name}_feature_mean", features.mean().item(), step)
+            experiment.add_scalar(f"cnn/{name}_feature_std", features.std().item(), step)
+            experiment.add_scalar(f"cnn/{name}_feature_negative_fraction", (features < 0).float().mean().item(), step)
+
+    def _tensorboard(self):
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        return None
+
+
+class _ActorPolicy:
+    """The deterministic actor behind the evaluation harness's `Policy` interface."""
+
+    def __init__(self, module: TD3):
+        self.module = module
+
+    def reset(self, seed: int) -> None:
+        pass
+
+    def act(self, observation: dict[str, np.ndarray], env: DrivingEnv) -> np.ndarray:
+        batched = {key: value[None] for key, value in observation.items()}
+        return self.module.act(batched)[0]
+
+
+def _frozen_copy(network: torch.nn.Module) -> torch.nn.Module:
+    target = copy.deepcopy(network)
+    target.requires_grad_(False)
+    return target
+
+
+@torch.no_grad()
+def _polyak_update(online: torch.nn.Module, target: torch.nn.Module, tau: float) -> None:
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)

@@ -1,0 +1,313 @@
+"""The embedded highway backend behind `DrivingEnv`: spaces, conventions, determinism, termination, state."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from highway_env.road.graphics import WorldSurface
+from highway_env.road.road import Road, RoadNetwork
+from highway_env.vehicle.graphics import VehicleGraphics
+from highway_env.vehicle.kinematics import Vehicle
+
+from lightning_td3.envs import DrivingEnv, EnvConfig
+from lightning_td3.envs.highway_backend import (
+    EGO_COLOR,
+    FIRST_BEND_AFTER_START_M,
+    GRAYSCALE_WEIGHTS,
+    LANE_WIDTH_M,
+    HighwayBackend,
+)
+
+EMPTY_ROAD = dict(traffic_density=0.0)
+LOOKAHEAD_WAYPOINT = 4  # pure pursuit aims at the 5th waypoint, 10 m ahead with the default spacing
+
+
+def make_backend(seed: int = 0, **overrides) -> HighwayBackend:
+    backend = HighwayBackend(EnvConfig(**overrides))
+    backend.reset(seed)
+    return backend
+
+
+def lane_following_steer(backend: HighwayBackend, waypoints: np.ndarray) -> float:
+    """Pure pursuit on an ego-frame waypoint (y left); the action's steer is positive to the right."""
+    x, y = waypoints[LOOKAHEAD_WAYPOINT]
+    angle = math.atan2(2 * backend.limits.wheelbase_m * y, x * x + y * y)
+    return float(np.clip(-angle / backend.limits.max_steer_rad, -1.0, 1.0))
+
+
+def cruise_throttle(speed_mps: float, target_mps: float) -> float:
+    return float(np.clip(0.5 * (target_mps - speed_mps), -1.0, 1.0))
+
+
+def drive_along_lane(env: DrivingEnv, target_mps: float | None = None, max_steps: int = 400):
+    """Follow the lane at a speed until the episode ends; returns the last info."""
+    target = env.config.target_speed_mps if target_mps is None else target_mps
+    env.reset(seed=0)
+    for _ in range(max_steps):
+        m = env.backend.measure()
+        action = [lane_following_steer(env.backend, m.waypoints_ego), cruise_throttle(m.speed_mps, target)]
+        _, _, terminated, truncated, info = env.step(action)
+        if terminated or truncated:
+            return info
+    raise AssertionError("episode did not end")
+
+
+@pytest.mark.parametrize("layout", ["straight", "curvy"])
+def test_env_passes_gymnasium_checker(layout):
+    env = DrivingEnv(EnvConfig(layout=layout))
+    check_env(env.unwrapped, skip_render_check=True)
+    env.close()
+
+
+def test_spaces_dtypes_and_limits():
+    env = DrivingEnv(EnvConfig(), render_mode="rgb_array")
+    obs, _ = env.reset(seed=1)
+    assert obs["image"].shape == (4, 84, 84) and obs["image"].dtype == np.uint8
+    assert obs["vector"].shape == (env.config.vector_size,) and obs["vector"].dtype == np.float32
+    obs, *_ = env.step(env.action_space.sample())
+    assert env.observation_space.contains(obs)
+    top = env.render()
+    assert top.shape == (150, 600, 3) and top.dtype == np.uint8
+    backend = env.backend
+    frame = backend.frame()
+    assert frame.shape == (84, 84) and frame.dtype == np.uint8
+    assert backend.dt == pytest.approx(1 / env.config.policy_frequency_hz)
+    assert backend.limits.wheelbase_m == Vehicle.LENGTH
+    assert env.metadata["render_fps"] == 5
+    env.close()
+
+
+def test_ego_is_distinguishable_from_traffic_in_grayscale():
+    def level(rgb):
+        return int(np.dot(rgb, GRAYSCALE_WEIGHTS))
+
+    ego_level, npc_level, road_level = level(EGO_COLOR), level(VehicleGraphics.BLUE), level(WorldSurface.GREY)
+    assert abs(ego_level - npc_level) > 60 and abs(ego_level - road_level) > 30
+    backend = make_backend(seed=1, scenario=2, traffic_density=3.0)
+    for _ in range(10):  # slow down until traffic from behind comes into view
+        frame = backend.frame()
+        around_ego = frame[38:46, 20:32]  # the ego sits at 30 % of the width, mid-height
+        assert ego_level in around_ego and npc_level not in around_ego
+        if npc_level in frame:
+            break
+        backend.step(0.0, -0.5)
+    assert npc_level in frame
+
+
+def test_same_seed_same_episode_and_seeds_differ():
+    actions = np.random.default_rng(0).uniform(-0.2, 1.0, (8, 2)).astype(np.float32)
+
+    def rollout(seed):
+        env = DrivingEnv(EnvConfig(layout="curvy", scenario=2))
+        obs, _ = env.reset(seed=seed)
+        frames, vectors = [obs["image"][-1]], [obs["vector"]]
+        for action in actions:
+            obs, *_ = env.step(action)
+            frames.append(obs["image"][-1])
+            vectors.append(obs["vector"])
+        return np.stack(frames), np.stack(vectors)
+
+    frames_a, vectors_a = rollout(11)
+    frames_b, vectors_b = rollout(11)
+    frames_c, _ = rollout(12)
+    np.testing.assert_array_equal(frames_a, frames_b)
+    np.testing.assert_array_equal(vectors_a, vectors_b)
+    assert not np.array_equal(frames_a, frames_c)
+
+
+def test_waypoints_are_strictly_ahead_and_evenly_spaced_while_driving_curves():
+    env = DrivingEnv(EnvConfig(layout="curvy", route_length_m=300.0, **EMPTY_ROAD))
+    env.reset(seed=4)
+    spacing = env.config.waypoint_spacing_m
+    segments_seen = set()
+    for _ in range(40):
+        m = env.backend.measure()
+        segments_seen.add(env.backend._ego.lane_index[0])
+        wp = m.waypoints_ego
+        assert wp.shape == (env.config.num_waypoints, 2)
+        assert np.all(wp[:, 0] > 0), "a waypoint lies beside or behind the ego"
+        # The first one is one spacing past the ego's projection on the lane, not at or behind it.
+        assert 0.5 * spacing < np.linalg.norm(wp[0] - [0.0, m.lateral_offset_m]) < spacing + 0.01
+        gaps = np.linalg.norm(np.diff(wp, axis=0), axis=1)
+        np.testing.assert_allclose(gaps, spacing, rtol=1e-3)
+        env.step([lane_following_steer(env.backend, wp), cruise_throttle(m.speed_mps, 25.0)])
+    assert len(segments_seen) >= 2
+
+
+def test_waypoints_continue_into_the_next_segment():
+    backend = make_backend(seed=5, layout="curvy", **EMPTY_ROAD)
+    spacing = backend.config.waypoint_spacing_m
+    checked = 0
+    while backend.measure().progress_m < FIRST_BEND_AFTER_START_M:
+        m = backend.measure()
+        to_bend = FIRST_BEND_AFTER_START_M - m.progress_m
+        along = spacing * np.arange(1, backend.config.num_waypoints + 1)
+        before, beyond = m.waypoints_ego[along <= to_bend], m.waypoints_ego[along > to_bend + 20.0]
+        # Straight up to the bend, then bending away by at least 20^2 / (2 * 300) m (radius <= 300 m).
+        np.testing.assert_allclose(before[:, 1], 0.0, atol=1e-6)
+        if len(beyond):
+            assert np.all(np.abs(beyond[:, 1]) > 0.5)
+            np.testing.assert_allclose(np.linalg.norm(np.diff(m.waypoints_ego, axis=0), axis=1), spacing, rtol=1e-3)
+            checked += 1
+        backend.step(0.0, 0.0)  # straight ahead on the straight first segment
+    assert checked >= 3
+
+
+def test_lane_to_the_left_has_positive_y_and_lane_ids_count_from_the_left():
+    backend = make_backend(seed=0, lanes=3, **EMPTY_ROAD)
+    for seed in range(10):
+        backend.reset(seed)
+        scene = backend.scene()
+        assert set(scene.lane_waypoints) == {o for o in (-1, 0, 1) if 0 <= scene.lane + o < 3}
+        for offset, points in scene.lane_waypoints.items():
+            np.testing.assert_allclose(points[:, 1], -offset * LANE_WIDTH_M, atol=1e-6)
+        np.testing.assert_allclose(scene.lane_waypoints[0], backend.measure().waypoints_ego)
+    assert scene.lanes == 3
+
+
+@pytest.mark.parametrize("steer, side", [(1.0, -1), (-1.0, 1)])
+def test_steering_right_turns_right(steer, side):
+    """side: +1 when the ego should end up left of the lane, pointing left of it."""
+    backend = make_backend(seed=0, **EMPTY_ROAD)
+    for _ in range(2):
+        backend.step(steer * 0.3, 0.0)
+    m = backend.measure()
+    # Turning right leaves the lane to the left of the ego's heading (positive error) and the ego right of it.
+    assert np.sign(m.heading_error_rad) == -side
+    assert np.sign(m.lateral_offset_m) == side
+    assert np.all(np.sign(m.waypoints_ego[5:, 1]) == -side)
+
+
+def test_full_brake_stops_without_reversing():
+    backend = make_backend(seed=0, **EMPTY_ROAD)
+    speeds, progress = [], []
+    for _ in range(20):
+        backend.step(0.0, -1.0)
+        m = backend.measure()
+        speeds.append(m.speed_mps)
+        progress.append(m.progress_m)
+    assert min(speeds) == 0.0 and speeds[-1] == 0.0
+    assert np.all(np.diff(speeds) <= 0)
+    assert np.all(np.diff(progress) >= 0)
+    # 20 m/s at 8 m/s^2 stops in 2.5 s = 13 steps.
+    assert speeds[12] == 0.0 and speeds[11] > 0.0
+
+
+def test_hard_steering_ends_off_road():
+    env = DrivingEnv(EnvConfig(**EMPTY_ROAD))
+    env.reset(seed=0)
+    for _ in range(30):
+        *_, terminated, _, info = env.step([1.0, 0.0])
+        if terminated:
+            break
+    assert info["reason"] == "off_road" and not info["success"]
+
+
+@pytest.mark.parametrize("layout", ["straight", "curvy"])
+def test_following_the_lane_on_an_empty_road_reaches_the_goal(layout):
+    env = DrivingEnv(EnvConfig(layout=layout, route_length_m=150.0, **EMPTY_ROAD))
+    info = drive_along_lane(env)
+    assert info["reason"] == "goal" and info["success"]
+    assert info["route_completion"] == pytest.approx(1.0, abs=0.03)
+
+
+def test_driving_flat_out_into_dense_traffic_collides():
+    env = DrivingEnv(EnvConfig(scenario=2, traffic_density=3.0, max_steps=100))
+    info = drive_along_lane(env, target_mps=40.0)
+    assert info["reason"] == "collision" and info["collision"]
+
+
+def test_dense_traffic_is_denser_and_none_spawns_on_the_ego():
+    counts = {}
+    for scenario in (0, 1, 2):
+        backend = make_backend(seed=2, scenario=scenario)
+        counts[scenario] = backend.vehicle_count
+        scene = backend.scene()
+        for neighbour in [*scene.leaders.values(), *scene.followers.values()]:
+            assert neighbour is None or neighbour.gap_m > 10.0
+    assert counts[0] < counts[1] < counts[2]
+    assert counts[2] >= 3 * counts[0]
+    assert make_backend(seed=2, traffic_density=0.0).vehicle_count == 0
+
+
+def test_restoring_a_state_replays_bit_identically():
+    actions = np.random.default_rng(1).uniform(-0.3, 1.0, (12, 2))
+    backend = make_backend(seed=9, layout="curvy", scenario=2)
+    for steer, throttle in actions[:4]:
+        backend.step(steer, throttle)
+    state = backend.get_state()
+
+    def replay(target):
+        record = []
+        for steer, throttle in actions[4:]:
+            target.step(steer, throttle)
+            m = target.measure()
+            record.append((target.frame(), m.waypoints_ego, m.progress_m, m.speed_mps, m.collision))
+        return record
+
+    original = replay(backend)
+    backend.set_state(state)
+    elsewhere = HighwayBackend(backend.config)
+    elsewhere.set_state(state)
+    for other in (replay(backend), replay(elsewhere)):
+        for a, b in zip(original, other):
+            np.testing.assert_array_equal(a[0], b[0])
+            np.testing.assert_array_equal(a[1], b[1])
+            assert a[2:] == b[2:]
+
+
+def test_driving_at_target_speed_earns_more_than_standing_still():
+    returns = {}
+    for name in ("drive", "brake"):
+        env = DrivingEnv(EnvConfig(scenario=0))
+        env.reset(seed=3)
+        for _ in range(env.config.max_steps):
+            m = env.backend.measure()
+            if name == "drive":
+                action = [lane_following_steer(env.backend, m.waypoints_ego), cruise_throttle(m.speed_mps, 25.0)]
+            else:
+                action = [0.0, -1.0]
+            *_, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                break
+        returns[name] = info["episode_return"]
+    assert returns["drive"] > returns["brake"] + 100
+
+
+def test_fast_neighbour_and_lane_search_match_highway_env():
+    """The backend's array-based neighbour, collision and closest-lane searches agree with highway-env's."""
+    backend = make_backend(seed=6, scenario=2)
+    for _ in range(3):
+        backend.step(0.0, 0.0)
+    road = backend._road
+    lane_indexes = [(0, 1, lane) for lane in range(backend.config.lanes)]
+    for vehicle in road.vehicles:
+        for lane_index in lane_indexes:
+            assert road.neighbour_vehicles(vehicle, lane_index) == Road.neighbour_vehicles(road, vehicle, lane_index)
+
+    curvy = make_backend(seed=6, layout="curvy")
+    network = curvy._track.network
+    rng = np.random.default_rng(0)
+    for polyline in curvy._track.centre_lines:
+        for _, x, y in polyline[rng.choice(len(polyline), 50)]:
+            position = np.array([x, y]) + rng.normal(0.0, 1.5, 2)
+            heading = rng.uniform(-0.5, 0.5)
+            assert network.get_closest_lane_index(position, heading) == RoadNetwork.get_closest_lane_index(
+                network, position, heading
+            )
+
+    # The same traffic stepped with highway-env's own road methods ends up in exactly the same place.
+    state = backend.get_state()
+    for _ in range(10):
+        backend.step(0.0, 0.5)
+    fast = backend.frame()
+    backend.set_state(state)
+    backend._road.step = types.MethodType(Road.step, backend._road)
+    backend._road.neighbour_vehicles = types.MethodType(Road.neighbour_vehicles, backend._road)
+    for _ in range(10):
+        backend.step(0.0, 0.5)
+    np.testing.assert_array_equal(fast, backend.frame())
