@@ -1,14 +1,16 @@
 """Command line: `python cli.py fit|validate|test --config configs/....yaml` (LightningCLI; `--help` lists every option)."""
 
+import sys
 import warnings
 
 from pytorch_lightning.cli import LightningCLI
 
 from datamodules.replay import ReplayDataModule
 from lightning_td3.driving_module import DrivingModule
+from lightning_td3.errors import UserError
 
 # TD3 pulls its batches itself (exact resume needs sampling at update time); Lightning calls that experimental.
-warnings.filterwarnings("ignore", message=".*`dataloader_iter` argument.*")
+warnings.filterwarnings("ignore", message=".*`dataloader_iter`.*")
 
 
 def main(args=None) -> LightningCLI:
@@ -22,4 +24,7 @@ def main(args=None) -> LightningCLI:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:
+        sys.exit(f"error: {error}")

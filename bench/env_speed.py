@@ -2,7 +2,8 @@
 
 Both run in this one process, pinned to one CPU core, in alternating blocks of steps (the order flips every
 round) fed the same fixed random actions, so drifts in machine load hit both equally. Only `step` calls are
-timed: resets (episode ends) are excluded for both.
+timed: resets (episode ends) are excluded for both. The headline numbers are wall-clock; the CPU-time line
+below them is the same comparison immune to other processes sharing the core.
 
 Usage: python bench/env_speed.py [--steps N] [--block B] [--seed S]
 """
@@ -19,20 +20,14 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 import numpy as np  # noqa: E402
 from highway_env.envs.highway_env import HighwayEnv  # noqa: E402
 
-from lightning_td3.envs import DrivingEnv, EnvConfig  # noqa: E402
+from lightning_td3.envs import DrivingEnv, EnvConfig, VehicleLimits  # noqa: E402
 from lightning_td3.envs import highway_backend as hb  # noqa: E402
 
 MEDIUM_TRAFFIC = 1
-STEPS_PER_SECOND_OF_EPISODE = 5.0
 
 
-def our_env(config: EnvConfig) -> DrivingEnv:
-    return DrivingEnv(config)
-
-
-def raw_env(config: EnvConfig, vehicles: int) -> HighwayEnv:
-    """highway-v0 with our road width, traffic count, frequencies, camera and continuous control."""
-    limits = hb.HighwayBackend(config).limits
+def raw_env(config: EnvConfig, vehicles: int, limits: VehicleLimits) -> HighwayEnv:
+    """highway-v0 with our lane count, traffic count, frequencies, camera and continuous control ranges."""
     return HighwayEnv(
         config={
             "observation": {
@@ -71,6 +66,7 @@ class Runner:
         self.env, self._reset, self._to_action = env, reset, to_action
         self.seed = seed
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.steps = 0
         self.episodes = 0
         self._reset_now()
@@ -81,9 +77,10 @@ class Runner:
 
     def run(self, actions: np.ndarray) -> None:
         for action in actions:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             _, _, terminated, truncated, _ = self.env.step(self._to_action(action))
             self.seconds += time.perf_counter() - start
+            self.cpu_seconds += time.process_time() - cpu_start
             self.steps += 1
             if terminated or truncated:
                 self._reset_now()
@@ -91,6 +88,15 @@ class Runner:
     @property
     def steps_per_s(self) -> float:
         return self.steps / self.seconds
+
+    @property
+    def steps_per_cpu_s(self) -> float:
+        return self.steps / self.cpu_seconds
+
+
+def overhead_pct(ours: float, raw: float) -> float:
+    """Extra time per step of ours over raw highway-env, in percent (negative: ours is faster)."""
+    return 100.0 * (raw / ours - 1.0)
 
 
 def reset_ours(env: DrivingEnv, seed: int) -> None:
@@ -112,10 +118,10 @@ def main() -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
     config = EnvConfig(backend="highway", layout="straight", scenario=MEDIUM_TRAFFIC)
-    ours = Runner(our_env(config), reset_ours, lambda a: a, args.seed)
+    ours = Runner(DrivingEnv(config), reset_ours, lambda a: a, args.seed)
     vehicles = ours.env.backend.vehicle_count
     # highway-env's ContinuousAction is ordered [acceleration, steering]; ours is [steer, throttle_brake].
-    raw = Runner(raw_env(config, vehicles), reset_raw, lambda a: a[::-1], args.seed)
+    raw = Runner(raw_env(config, vehicles, ours.env.limits), reset_raw, lambda a: a[::-1], args.seed)
 
     actions = np.random.default_rng(args.seed).uniform(-1.0, 1.0, (args.steps, 2)).astype(np.float32)
     runners = [ours, raw]
@@ -124,13 +130,18 @@ def main() -> None:
         for runner in runners if round_index % 2 == 0 else runners[::-1]:
             runner.run(block)
 
-    overhead_pct = 100.0 * (raw.steps_per_s / ours.steps_per_s - 1.0)
-    print(f"config: straight layout, {config.lanes} lanes, scenario {MEDIUM_TRAFFIC}, {vehicles} IDM vehicles, "
-          f"{hb.SIMULATION_FREQUENCY_HZ:g} Hz simulation, {config.policy_frequency_hz:g} Hz policy, 84x84 grayscale x4")
+    print(
+        f"config: straight layout, {config.lanes} lanes, scenario {MEDIUM_TRAFFIC}, {vehicles} IDM vehicles, "
+        f"{hb.SIMULATION_FREQUENCY_HZ:g} Hz simulation, {config.policy_frequency_hz:g} Hz policy, 84x84 grayscale x4"
+    )
     print(f"episodes: ours {ours.episodes}, raw {raw.episodes}; timed steps each: {ours.steps}")
     print(f"ours_steps_per_s: {ours.steps_per_s:.1f}")
     print(f"raw_highway_env_steps_per_s: {raw.steps_per_s:.1f}")
-    print(f"overhead_pct: {overhead_pct:.1f}")
+    print(f"overhead_pct: {overhead_pct(ours.steps_per_s, raw.steps_per_s):.1f}")
+    print(
+        f"cpu-time basis: ours {ours.steps_per_cpu_s:.1f}, raw {raw.steps_per_cpu_s:.1f} steps/s, "
+        f"overhead {overhead_pct(ours.steps_per_cpu_s, raw.steps_per_cpu_s):.1f} %"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
@@ -26,7 +27,7 @@ from lightning_td3.envs import DrivingEnv, EnvConfig  # noqa: E402
 from lightning_td3.replay import ReplayBuffer  # noqa: E402
 
 # SB3's DictReplayBuffer (optimize_memory_usage is not available for dict observations): obs and next_obs
-# (2 x (4*84*84 uint8 + 54 float32)), action 2 float32, reward and done float32, timeout float32.
+# (2 x (4*84*84 uint8 + 54 float32)), action 2 float32, then reward, done and timeout as float32.
 SB3_BYTES_PER_TRANSITION = 2 * (4 * 84 * 84 + 54 * 4) + 2 * 4 + 4 + 4 + 4
 ENV_COUNT = 2
 SYNTHETIC_EPISODE_STEPS = 300
@@ -44,7 +45,8 @@ def fill_from_driving_env(transitions: int, seed: int) -> tuple[ReplayBuffer, in
     """A buffer holding `transitions` real transitions; also returns how many episodes ended meanwhile."""
     config = EnvConfig()
     envs = gym.vector.SyncVectorEnv([lambda: DrivingEnv(config) for _ in range(ENV_COUNT)])
-    buffer = ReplayBuffer(capacity=transitions + 2 * ENV_COUNT, num_envs=ENV_COUNT, vector_size=config.vector_size)
+    # Room to spare: every episode also takes a slot for its final observation, which starts no transition.
+    buffer = ReplayBuffer(capacity=2 * transitions, num_envs=ENV_COUNT, vector_size=config.vector_size)
     obs, _ = envs.reset(seed=seed)
     autoresetting = np.zeros(ENV_COUNT, bool)
     episodes = 0
@@ -59,8 +61,8 @@ def fill_from_driving_env(transitions: int, seed: int) -> tuple[ReplayBuffer, in
     return buffer, episodes
 
 
-def fill_synthetic(buffer: ReplayBuffer, transitions: int, rng: np.random.Generator) -> None:
-    """One env's episodes of random frames, stacked as `DrivingEnv` stacks them."""
+def fill_synthetic(buffer: ReplayBuffer, transitions: int, rng: np.random.Generator) -> int:
+    """One env's episodes of random frames, stacked as `DrivingEnv` stacks them; returns the slots written."""
     stack = np.empty((1, 4, 84, 84), np.uint8)
     vector = np.zeros((1, buffer.vector_size), np.float32)
     action = np.zeros((1, 2), np.float32)
@@ -73,6 +75,8 @@ def fill_synthetic(buffer: ReplayBuffer, transitions: int, rng: np.random.Genera
         buffer.add({"image": stack, "vector": vector}, action, np.zeros(1), {"image": next_stack, "vector": vector},
                    episode_over, np.zeros(1, bool))
         stack = next_stack
+    episodes_started = -(-transitions // SYNTHETIC_EPISODE_STEPS)
+    return transitions + episodes_started  # an episode writes its reset obs and then one slot per step
 
 
 def time_sampling(buffer: ReplayBuffer, batch_size: int, repeats: int, rng: np.random.Generator) -> np.ndarray:
@@ -91,6 +95,7 @@ def main() -> None:
     parser.add_argument("--synthetic-transitions", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each result shows as soon as it is measured
     rng = np.random.default_rng(args.seed)
 
     start = time.perf_counter()
@@ -103,9 +108,8 @@ def main() -> None:
     rss_before = resident_bytes()
     big = ReplayBuffer(capacity=args.synthetic_transitions, num_envs=1, vector_size=EnvConfig().vector_size)
     rss_allocated = resident_bytes()
-    fill_synthetic(big, args.synthetic_transitions, rng)
+    slots_written = min(fill_synthetic(big, args.synthetic_transitions, rng), big.capacity)
     rss_filled = resident_bytes()
-    slots_written = min(int(big._written.sum()), big.capacity)
     print(f"RSS growth: {(rss_allocated - rss_before) / 2**20:.1f} MiB on allocating {big.capacity} slots, "
           f"{(rss_filled - rss_allocated) / 2**20:.1f} MiB on writing {slots_written} of them "
           f"= {(rss_filled - rss_allocated) / slots_written:.0f} bytes per slot ({len(big)} transitions)")

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
 from lightning_td3.envs import EnvConfig
+from lightning_td3.errors import ConfigError
 from lightning_td3.evaluation import EpisodeSpec
 from lightning_td3.replay import ReplayBuffer
 from lightning_td3.seeding import stream_rng
@@ -48,7 +49,7 @@ class ReplayDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        env: EnvConfig | None = None,
+        env: EnvConfig = EnvConfig(),
         num_envs: int = 1,
         buffer_capacity: int = 1_000_000,
         batch_size: int = 256,
@@ -59,13 +60,13 @@ class ReplayDataModule(pl.LightningDataModule):
         super().__init__()
         for name, value, minimum in (
             ("data.num_envs", num_envs, 1),
-            ("data.buffer_capacity", buffer_capacity, 1),
+            ("data.buffer_capacity", buffer_capacity, 2 * num_envs),
             ("data.batch_size", batch_size, 1),
             ("data.eval_episodes", eval_episodes, 1),
         ):
             if not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-        self.env = env or EnvConfig()
+                raise ConfigError(f"{name} must be an integer >= {minimum}; got {value!r}")
+        self.env = env
         self.num_envs = num_envs
         self.buffer_capacity = buffer_capacity
         self.batch_size = batch_size
@@ -94,8 +95,8 @@ class ReplayDataModule(pl.LightningDataModule):
         return {"buffer": arrays_to_tensors(self.buffer.state_dict()), "sampler_rng": self._sampler_rng.bit_generator.state}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if not state_dict:
-            return
+        if not state_dict or self.buffer is None:
+            return  # validate/test from a training checkpoint: evaluation needs no replay
         self.buffer.load_state_dict(tensors_to_arrays(state_dict["buffer"]))
         self._sampler_rng.bit_generator.state = state_dict["sampler_rng"]
 

@@ -6,10 +6,13 @@ Validation data are `EpisodeSpec`s (env config + seed); each validation step run
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytorch_lightning as pl
 
 from lightning_td3.baselines import IdmMobilPolicy, RandomPolicy
 from lightning_td3.envs import DrivingEnv, EnvConfig
+from lightning_td3.errors import ConfigError
 from lightning_td3.evaluation import EpisodeSpec, EvaluationMetrics, Policy, run_episode
 
 
@@ -62,10 +65,10 @@ BASELINES = {"random": RandomPolicy, "idm_mobil": IdmMobilPolicy}
 class BaselineDriver(DrivingModule):
     """A classical driver evaluated exactly like the agent: `random` or `idm_mobil` (IDM + MOBIL + pure pursuit)."""
 
-    def __init__(self, policy: str = "idm_mobil") -> None:
+    def __init__(self, policy: Literal["random", "idm_mobil"] = "idm_mobil") -> None:
         super().__init__()
         if policy not in BASELINES:
-            raise ValueError(f"model.policy must be one of {sorted(BASELINES)}; got {policy!r}")
+            raise ConfigError(f"model.policy must be one of {sorted(BASELINES)}; got {policy!r}")
         self.save_hyperparameters()
         self._policy = BASELINES[policy]()
 

@@ -81,7 +81,7 @@ class Actor(nn.Module):
 
 
 class TwinCritic(nn.Module):
-    """Two Q heads over one critic CNN: (image, vector, action) -> (q1, q2), each (B, 1)."""
+    """Two Q heads over one critic CNN: (image, vector, action) -> (q1, q2), each (B,) like the rewards."""
 
     def __init__(
         self,
@@ -104,8 +104,8 @@ class TwinCritic(nn.Module):
         self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         head_input = self._head_input(image, vector, action)
-        return self.q1_head(head_input), self.q2_head(head_input)
+        return self.q1_head(head_input).squeeze(-1), self.q2_head(head_input).squeeze(-1)
 
     def q1(self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Q1 only, for the actor loss (TD3 maximises Q1 alone)."""
-        return self.q1_head(self._head_input(image, vector, action))
+        return self.q1_head(self._head_input(image, vector, action)).squeeze(-1)

@@ -38,7 +38,7 @@ class ReplayBuffer:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1; got {num_envs}")
         if capacity < 2 * num_envs:
-            raise ValueError(f"capacity must be >= 2 * num_envs = {2 * num_envs} (two slots per env); got {capacity}")
+            raise ValueError(f"capacity must be >= 2 * num_envs = {2 * num_envs} (2 slots per env); got {capacity}")
         self.num_envs = num_envs
         self.slots_per_env = math.ceil(capacity / num_envs)
         self.vector_size = vector_size
@@ -95,25 +95,24 @@ class ReplayBuffer:
         self._check_batch(obs, "obs")
         self._check_batch(next_obs, "next_obs")
         envs = np.arange(self.num_envs) if mask is None else np.flatnonzero(np.asarray(mask, bool))
-        if envs.size == 0:
-            return
         starting = envs[~self._episode_open[envs]]
         continuing = envs[self._episode_open[envs]]
         self._check_episode_starts(obs["image"][starting], starting)
         self._check_continuations(obs["image"][continuing], continuing)
 
-        if starting.size:
-            self._write_slots(starting, obs["image"][starting, -1], obs["vector"][starting], np.zeros(starting.size, np.int32))
-            self._episode_open[starting] = True
+        reset_steps = np.zeros(starting.size, np.int32)
+        self._write_slots(starting, obs["image"][starting, -1], obs["vector"][starting], reset_steps)
+        self._episode_open[starting] = True
         current = (self._heads[envs] - 1) % self.slots_per_env
         self._actions[envs, current] = np.asarray(action, np.float32)[envs]
         self._rewards[envs, current] = np.asarray(reward, np.float32)[envs]
         self._terminated[envs, current] = np.asarray(terminated, bool)[envs]
         self._has_next[envs, current] = True
         self._transitions[envs] += 1
-        self._write_slots(envs, next_obs["image"][envs, -1], next_obs["vector"][envs], self._steps[envs, current] + 1)
-        episode_over = np.asarray(terminated, bool)[envs] | np.asarray(truncated, bool)[envs]
-        self._episode_open[envs[episode_over]] = False
+        next_steps = self._steps[envs, current] + 1
+        self._write_slots(envs, next_obs["image"][envs, -1], next_obs["vector"][envs], next_steps)
+        episode_over = np.asarray(terminated, bool) | np.asarray(truncated, bool)
+        self._episode_open[envs[episode_over[envs]]] = False
 
     def drop_episode(self, env_index: int) -> None:
         """Close env `env_index`'s open episode without a next_obs, e.g. after its simulator crashed.
@@ -208,11 +207,12 @@ class ReplayBuffer:
         return int(min(self._written.max(), self.slots_per_env))
 
     def _check_batch(self, obs: dict[str, np.ndarray], name: str) -> None:
+        image, vector = obs["image"], obs["vector"]
         image_shape = (self.num_envs, FRAME_STACK) + self.frame_shape
-        if obs["image"].shape != image_shape or obs["image"].dtype != np.uint8:
-            raise ValueError(f"{name}['image'] must be uint8 {image_shape}; got {obs['image'].dtype} {obs['image'].shape}")
-        if obs["vector"].shape != (self.num_envs, self.vector_size):
-            raise ValueError(f"{name}['vector'] must be {(self.num_envs, self.vector_size)}; got {obs['vector'].shape}")
+        if image.shape != image_shape or image.dtype != np.uint8:
+            raise ValueError(f"{name}['image'] must be uint8 {image_shape}; got {image.dtype} {image.shape}")
+        if vector.shape != (self.num_envs, self.vector_size):
+            raise ValueError(f"{name}['vector'] must be {(self.num_envs, self.vector_size)}; got {vector.shape}")
 
     def _check_episode_starts(self, images: np.ndarray, envs: np.ndarray) -> None:
         not_reset = envs[~np.all(images == images[:, :1], axis=(1, 2, 3))]

@@ -19,6 +19,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
 from lightning_td3.driving_module import DrivingModule
 from lightning_td3.envs import DrivingEnv
+from lightning_td3.errors import ConfigError
 from lightning_td3.evaluation import Policy
 from lightning_td3.networks import Actor, TwinCritic
 
@@ -81,11 +82,11 @@ class TD3(DrivingModule):
     ) -> None:
         super().__init__()
         if not 0.0 <= gamma < 1.0:
-            raise ValueError(f"model.gamma must be in [0, 1); got {gamma!r}")
+            raise ConfigError(f"model.gamma must be in [0, 1); got {gamma!r}")
         if not 0.0 < tau <= 1.0:
-            raise ValueError(f"model.tau must be in (0, 1]; got {tau!r}")
+            raise ConfigError(f"model.tau must be in (0, 1]; got {tau!r}")
         if not isinstance(policy_delay, int) or policy_delay < 1:
-            raise ValueError(f"model.policy_delay must be an integer >= 1; got {policy_delay!r}")
+            raise ConfigError(f"model.policy_delay must be an integer >= 1; got {policy_delay!r}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.actor = Actor(vector_size=vector_size, hidden_sizes=tuple(hidden_sizes), layer_norm=layer_norm)
@@ -96,6 +97,15 @@ class TD3(DrivingModule):
         self.env_steps = 0
         self.episodes = 0
         self.updates = 0
+
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None)
+        env = getattr(data, "env", None)
+        if env is not None and env.vector_size != self.hparams.vector_size:
+            raise ConfigError(
+                f"model.init_args.vector_size is {self.hparams.vector_size} but data.env gives vectors of "
+                f"{env.vector_size} (4 + 2 x num_waypoints={env.num_waypoints}); set vector_size: {env.vector_size}"
+            )
 
     def configure_optimizers(self):
         fused = torch.cuda.is_available()
@@ -129,11 +139,12 @@ class TD3(DrivingModule):
             _polyak_update(self.actor, self.actor_target, hp.tau)
             _polyak_update(self.critic, self.critic_target, hp.tau)
 
-        self.updates += 1
+        # Logging on multiples of the policy delay catches an actor update too.
         if self.updates % hp.log_every_n_updates == 0:
             self._log_update(critic_loss, actor_loss, q1, critic_grad_norm, actor_grad_norm)
         if self.updates % hp.log_images_every_n_updates == 0:
             self._log_visuals(image)
+        self.updates += 1
 
     # --- acting ------------------------------------------------------------------------------------------------
 

@@ -8,7 +8,13 @@ import torch
 
 from lightning_td3.baselines import RandomPolicy
 from lightning_td3.envs import DrivingEnv, EnvConfig
-from lightning_td3.evaluation import EpisodeResult, EpisodeSpec, EvaluationMetrics, evaluate, run_episode
+from lightning_td3.evaluation import (
+    EpisodeResult,
+    EpisodeSpec,
+    EvaluationMetrics,
+    evaluate,
+    run_episode,
+)
 
 METRIC_KEYS = {
     "eval/success_rate",

@@ -43,10 +43,10 @@ def cruise_throttle(speed_mps: float, target_mps: float) -> float:
     return float(np.clip(0.5 * (target_mps - speed_mps), -1.0, 1.0))
 
 
-def drive_along_lane(env: DrivingEnv, target_mps: float | None = None, max_steps: int = 400):
+def drive_along_lane(env: DrivingEnv, target_mps: float | None = None, seed: int = 0, max_steps: int = 400):
     """Follow the lane at a speed until the episode ends; returns the last info."""
     target = env.config.target_speed_mps if target_mps is None else target_mps
-    env.reset(seed=0)
+    env.reset(seed=seed)
     for _ in range(max_steps):
         m = env.backend.measure()
         action = [lane_following_steer(env.backend, m.waypoints_ego), cruise_throttle(m.speed_mps, target)]
@@ -56,10 +56,11 @@ def drive_along_lane(env: DrivingEnv, target_mps: float | None = None, max_steps
     raise AssertionError("episode did not end")
 
 
+@pytest.mark.filterwarnings("ignore:.*alternative render modes:UserWarning")  # needs gymnasium.make
 @pytest.mark.parametrize("layout", ["straight", "curvy"])
 def test_env_passes_gymnasium_checker(layout):
-    env = DrivingEnv(EnvConfig(layout=layout))
-    check_env(env.unwrapped, skip_render_check=True)
+    env = DrivingEnv(EnvConfig(layout=layout), render_mode="rgb_array")
+    check_env(env.unwrapped)
     env.close()
 
 
@@ -102,7 +103,7 @@ def test_same_seed_same_episode_and_seeds_differ():
     actions = np.random.default_rng(0).uniform(-0.2, 1.0, (8, 2)).astype(np.float32)
 
     def rollout(seed):
-        env = DrivingEnv(EnvConfig(layout="curvy", scenario=2))
+        env = DrivingEnv(EnvConfig(layout="curvy", scenario=1))
         obs, _ = env.reset(seed=seed)
         frames, vectors = [obs["image"][-1]], [obs["vector"]]
         for action in actions:
@@ -172,9 +173,9 @@ def test_lane_to_the_left_has_positive_y_and_lane_ids_count_from_the_left():
 @pytest.mark.parametrize("steer, side", [(1.0, -1), (-1.0, 1)])
 def test_steering_right_turns_right(steer, side):
     """side: +1 when the ego should end up left of the lane, pointing left of it."""
-    backend = make_backend(seed=0, **EMPTY_ROAD)
+    backend = make_backend(seed=0, lanes=1, **EMPTY_ROAD)  # one lane: the nearest lane stays the same
     for _ in range(2):
-        backend.step(steer * 0.3, 0.0)
+        backend.step(steer, 0.0)
     m = backend.measure()
     # Turning right leaves the lane to the left of the ego's heading (positive error) and the ego right of it.
     assert np.sign(m.heading_error_rad) == -side
@@ -216,7 +217,7 @@ def test_following_the_lane_on_an_empty_road_reaches_the_goal(layout):
 
 
 def test_driving_flat_out_into_dense_traffic_collides():
-    env = DrivingEnv(EnvConfig(scenario=2, traffic_density=3.0, max_steps=100))
+    env = DrivingEnv(EnvConfig(scenario=2, traffic_density=3.0, route_length_m=200.0, max_steps=100))
     info = drive_along_lane(env, target_mps=40.0)
     assert info["reason"] == "collision" and info["collision"]
 
@@ -234,9 +235,28 @@ def test_dense_traffic_is_denser_and_none_spawns_on_the_ego():
     assert make_backend(seed=2, traffic_density=0.0).vehicle_count == 0
 
 
+def test_scene_gaps_are_bumper_to_bumper_on_each_lane():
+    backend = make_backend(seed=4, scenario=2)
+    for _ in range(5):
+        backend.step(0.0, 0.0)
+    scene = backend.scene()
+    ego = backend._ego
+    for offset in scene.leaders:
+        # Straight road along +x: "along the lane" is along x.
+        lane_y = backend._track.lane(0, scene.lane + offset).position(0.0, 0.0)[1]
+        others = [v for v in backend._road.vehicles if v is not ego and abs(v.position[1] - lane_y) <= 3.0]
+        ahead = [v.position[0] - ego.position[0] for v in others if v.position[0] >= ego.position[0]]
+        behind = [ego.position[0] - v.position[0] for v in others if v.position[0] < ego.position[0]]
+        for found, distances in ((scene.leaders[offset], ahead), (scene.followers[offset], behind)):
+            if distances:
+                assert found.gap_m == pytest.approx(max(min(distances) - Vehicle.LENGTH, 0.0), abs=1e-6)
+            else:
+                assert found is None
+
+
 def test_restoring_a_state_replays_bit_identically():
     actions = np.random.default_rng(1).uniform(-0.3, 1.0, (12, 2))
-    backend = make_backend(seed=9, layout="curvy", scenario=2)
+    backend = make_backend(seed=9, layout="curvy", scenario=1)
     for steer, throttle in actions[:4]:
         backend.step(steer, throttle)
     state = backend.get_state()
@@ -263,7 +283,7 @@ def test_restoring_a_state_replays_bit_identically():
 def test_driving_at_target_speed_earns_more_than_standing_still():
     returns = {}
     for name in ("drive", "brake"):
-        env = DrivingEnv(EnvConfig(scenario=0))
+        env = DrivingEnv(EnvConfig(scenario=0, max_steps=100))
         env.reset(seed=3)
         for _ in range(env.config.max_steps):
             m = env.backend.measure()

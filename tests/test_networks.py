@@ -23,7 +23,7 @@ def test_output_shapes():
     assert Actor(VECTOR_SIZE)(image, vector).shape == (5, 2)
     critic = TwinCritic(VECTOR_SIZE)
     q1, q2 = critic(image, vector, action)
-    assert q1.shape == q2.shape == (5, 1)
+    assert q1.shape == q2.shape == (5,)
     torch.testing.assert_close(critic.q1(image, vector, action), q1)
 
 
@@ -33,7 +33,7 @@ def test_custom_sizes_and_layer_norm():
     assert actor(image, vector).shape == (5, 3)
     assert sum(isinstance(m, nn.LayerNorm) for m in actor.modules()) == 1
     critic = TwinCritic(VECTOR_SIZE, hidden_sizes=(32, 16), layer_norm=True)
-    assert critic(image, vector, action)[0].shape == (5, 1)
+    assert critic(image, vector, action)[0].shape == (5,)
     assert sum(isinstance(m, nn.LayerNorm) for m in critic.modules()) == 4
     assert not any(isinstance(m, nn.LayerNorm) for m in Actor(VECTOR_SIZE).modules())
 

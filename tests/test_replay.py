@@ -184,12 +184,12 @@ def reset_obs(env: FakeDrivingEnv, seed: int) -> dict[str, np.ndarray]:
     return {name: value[None] for name, value in obs.items()}
 
 
-def step_once(buffer: ReplayBuffer, env: FakeDrivingEnv, obs: dict, action: float) -> tuple[dict, bool]:
+def step_once(buffer: ReplayBuffer, env: FakeDrivingEnv, obs: dict, action: float) -> dict[str, np.ndarray]:
     next_obs, reward, terminated, truncated, _ = env.step(np.full(2, action, np.float32))
     next_obs = {name: value[None] for name, value in next_obs.items()}
     buffer.add(obs, np.full((1, 2), action, np.float32), np.array([reward]), next_obs, np.array([terminated]),
                np.array([truncated]))
-    return next_obs, terminated or truncated
+    return next_obs
 
 
 def test_drop_episode_closes_the_episode_without_a_sample_start():
@@ -198,23 +198,26 @@ def test_drop_episode_closes_the_episode_without_a_sample_start():
     obs = reset_obs(env, seed=3)
     env._length = 100  # long enough that the crash comes before the episode's end
     for action in (0.1, 0.2, 0.3):
-        obs, _ = step_once(buffer, env, obs, action)
+        obs = step_once(buffer, env, obs, action)
     assert len(buffer) == 3
 
     crashed_obs = obs
     buffer.drop_episode(0)
-    obs = reset_obs(env, seed=4)
-    obs, _ = step_once(buffer, env, obs, 0.5)
-    assert len(buffer) == 4
+    first_obs = reset_obs(env, seed=4)
+    env._length = 100
+    second_obs = step_once(buffer, env, first_obs, 0.5)
+    step_once(buffer, env, second_obs, 0.6)
+    assert len(buffer) == 5
     batch = buffer.sample(256, np.random.default_rng(0))
-    assert set(batch["action"][:, 0].tolist()) == {np.float32(a).item() for a in (0.1, 0.2, 0.3, 0.5)}
+    assert set(batch["action"][:, 0].tolist()) == {np.float32(a).item() for a in (0.1, 0.2, 0.3, 0.5, 0.6)}
     assert not np.all(batch["image"] == crashed_obs["image"], axis=(1, 2, 3)).any()
     # The crashed episode's last obs is only ever a next_obs, of the transition before it, never followed
     # by the new episode's reset obs.
     next_of_crash = np.all(batch["next_image"] == crashed_obs["image"], axis=(1, 2, 3))
     assert next_of_crash.any() and np.all(batch["action"][next_of_crash, 0] == np.float32(0.3))
-    after_reset = batch["action"][:, 0] == np.float32(0.5)
-    assert np.all(batch["image"][after_reset] == reset_obs(FakeDrivingEnv(), seed=4)["image"])
+    # The new episode's stacks hold its own frames only, padded as after a reset.
+    for action, obs in ((0.5, first_obs), (0.6, second_obs)):
+        assert np.all(batch["image"][batch["action"][:, 0] == np.float32(action)] == obs["image"])
 
 
 def test_a_reset_outside_an_episode_end_needs_drop_episode():
@@ -222,8 +225,8 @@ def test_a_reset_outside_an_episode_end_needs_drop_episode():
     buffer = ReplayBuffer(capacity=50, num_envs=1, vector_size=VECTOR_SIZE)
     obs = reset_obs(env, seed=3)
     env._length = 100
-    obs, _ = step_once(buffer, env, obs, 0.1)
-    obs, _ = step_once(buffer, env, obs, 0.2)
+    obs = step_once(buffer, env, obs, 0.1)
+    obs = step_once(buffer, env, obs, 0.2)
     before = copy.deepcopy(buffer.state_dict())
 
     with pytest.raises(ValueError, match="drop_episode"):

@@ -1,7 +1,7 @@
 """TD3 update: what changes on which step, where gradients go, and the target against a hand computation."""
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -116,3 +116,11 @@ def test_target_policy_smoothing_noise_is_clipped_and_actions_stay_in_range():
 def test_bad_hyper_parameters_are_rejected_with_the_field_name(field, value):
     with pytest.raises(ValueError, match=f"model.{field}"):
         TD3(vector_size=VECTOR, **{field: value})
+
+
+def test_q_values_line_up_with_rewards_so_the_loss_is_per_sample():
+    module = TD3(vector_size=VECTOR, hidden_sizes=(32,))
+    batch = fixed_batch()
+    q1, q2 = module.critic(batch["image"], batch["vector"], batch["action"])
+    assert q1.shape == q2.shape == batch["reward"].shape
+    assert module.critic.q1(batch["image"], batch["vector"], batch["action"]).shape == batch["reward"].shape

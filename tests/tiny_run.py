@@ -6,6 +6,8 @@ import yaml
 
 import cli
 
+TINY_ENV = {"scenario": 1, "layout": "curvy", "route_length_m": 120.0, "max_steps": 12, "num_waypoints": 5}
+
 
 def tiny_config(run_dir: Path, **overrides) -> Path:
     config = {
@@ -38,8 +40,7 @@ def tiny_config(run_dir: Path, **overrides) -> Path:
             "buffer_capacity": 500,
             "batch_size": 4,
             "eval_episodes": 1,
-            "env": {"scenario": 1, "layout": "curvy", "route_length_m": 120.0, "max_steps": 12,
-                    "num_waypoints": 5},
+            "env": dict(TINY_ENV),
         },
     }
     for dotted, value in overrides.items():

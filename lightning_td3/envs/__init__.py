@@ -3,7 +3,13 @@
 import gymnasium as gym
 
 from lightning_td3.envs.config import CarlaConfig, EnvConfig, RewardConfig
-from lightning_td3.envs.contract import DrivingEnv, Measurement, Neighbour, Scene, VehicleLimits
+from lightning_td3.envs.contract import (
+    DrivingEnv,
+    Measurement,
+    Neighbour,
+    Scene,
+    VehicleLimits,
+)
 
 ENV_ID = "LightningTD3Drive-v0"
 if ENV_ID not in gym.registry:

@@ -45,6 +45,7 @@ from lightning_td3.envs.carla_road import (
 )
 from lightning_td3.envs.config import CarlaConfig, EnvConfig
 from lightning_td3.envs.contract import Measurement, Scene, VehicleLimits
+from lightning_td3.errors import UserError
 
 FIXED_DELTA_SECONDS = 0.05
 # The connection check may overrun the client's own timeout by this much before we give up on it.
@@ -89,7 +90,7 @@ ROAD_EDGE_MARKINGS = frozenset(
 )
 
 
-class CarlaConnectionError(RuntimeError):
+class CarlaConnectionError(UserError, RuntimeError):
     """No CARLA server answered at the configured address."""
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lightning_td3.errors import ConfigError
+
 BACKENDS = ("highway", "carla")
 LAYOUTS = ("straight", "curvy")
 SCENARIOS = {0: "light", 1: "medium", 2: "dense"}
@@ -16,7 +18,7 @@ FRAME_STACK = 4
 
 def _require(ok: bool, name: str, allowed: str, got: object) -> None:
     if not ok:
-        raise ValueError(f"{name} must be {allowed}; got {got!r}")
+        raise ConfigError(f"{name} must be {allowed}; got {got!r}")
 
 
 @dataclass

@@ -61,8 +61,8 @@ SIMULATION_FREQUENCY_HZ = 15.0  # traffic acts and collisions are checked at thi
 MAX_STEER_RAD = 0.3
 MAX_ACCEL_MPS2 = 4.0
 MAX_BRAKE_MPS2 = 8.0
-# highway-env's kinematic bicycle puts the centre of mass mid-car with rear axle distance LENGTH / 2, so its
-# yaw rate is speed * tan(steer) / LENGTH for small slip: the wheelbase is the car's length.
+# highway-env's bicycle model slips by beta = atan(tan(steer) / 2) and yaws at speed * sin(beta) / (LENGTH / 2):
+# a kinematic bicycle with its centre of mass midway between the axles, LENGTH apart.
 WHEELBASE_M = Vehicle.LENGTH
 
 # --- Traffic -------------------------------------------------------------------------------------------
@@ -103,9 +103,10 @@ class _TrackNetwork(RoadNetwork):
     """A chain of segments of parallel lanes; the closest-lane search only weighs the segments near a position.
 
     highway-env weighs every lane of the network, for every vehicle, every simulation step: on a road of many
-    segments that dominates the step. A position projects onto lane 0 within half a landmark spacing of its
-    nearest landmark (a point on lane 0's centre line), so only the segments within one spacing of that
-    landmark can hold the closest lane; the same distance as highway-env's picks among their lanes.
+    segments that dominates the step. A position on or near the road projects onto lane 0 within half a
+    landmark spacing of its nearest landmark (a point on lane 0's centre line), and lanes of farther segments
+    are at least a whole segment away, so only the segments within one spacing of that landmark can hold
+    the closest lane; highway-env's own distance picks among their lanes.
     """
 
     def __init__(self) -> None:
@@ -155,14 +156,17 @@ class _Track:
         fraction = longitudinal / self.lane_lengths[lane, segment]
         return float(self.segment_starts[segment] + fraction * self.segment_lengths[segment])
 
+    def segment_at(self, road_m: float) -> int:
+        return int(np.clip(np.searchsorted(self.segment_starts, road_m, "right") - 1, 0, self.last_segment))
+
     def lane_arc_length(self, lane: int, road_m: float) -> tuple[int, float]:
         """(segment, local longitudinal coordinate on `lane`) at a road coordinate."""
-        segment = int(np.clip(np.searchsorted(self.segment_starts, road_m, "right") - 1, 0, self.last_segment))
+        segment = self.segment_at(road_m)
         fraction = (road_m - self.segment_starts[segment]) / self.segment_lengths[segment]
         return segment, float(fraction * self.lane_lengths[lane, segment])
 
     def points_ahead(self, lane: int, arc_length: float, count: int, spacing: float) -> np.ndarray:
-        """(count, 2) world points on `lane`'s centre line, `spacing` apart, the first one `spacing` past `arc_length`."""
+        """(count, 2) world points on `lane`'s centre line, `spacing` apart, starting `spacing` past `arc_length`."""
         line = self.centre_lines[lane]
         at = arc_length + spacing * np.arange(1, count + 1)
         return np.stack([np.interp(at, line[:, 0], line[:, 1]), np.interp(at, line[:, 0], line[:, 2])], axis=1)
@@ -214,7 +218,9 @@ class _TrackRoad(Road):
                 segments.append(segment)
                 fractions.append(longitudinal / self.track.lane_lengths[lane, segment])
                 laterals.append(lane * LANE_WIDTH_M + lateral)
-            self._positions = _LanePositions(list(self.vehicles), np.array(segments, dtype=int), np.array(fractions), np.array(laterals))
+            self._positions = _LanePositions(
+                list(self.vehicles), np.array(segments, dtype=int), np.array(fractions), np.array(laterals)
+            )
         return self._positions
 
     def act(self) -> None:
@@ -233,7 +239,9 @@ class _TrackRoad(Road):
         for i, j in zip(*np.nonzero(close)):
             self.vehicles[i].handle_collisions(self.vehicles[j], dt)
 
-    def neighbour_vehicles(self, vehicle: Vehicle, lane_index: LaneIndex = None) -> tuple[Vehicle | None, Vehicle | None]:
+    def neighbour_vehicles(
+        self, vehicle: Vehicle, lane_index: LaneIndex | None = None
+    ) -> tuple[Vehicle | None, Vehicle | None]:
         lane = (lane_index or vehicle.lane_index)[2]
         positions = self.lane_positions()
         arcs = positions.arcs(self.track, lane)
@@ -299,47 +307,59 @@ def _segment_lanes(segment: _Segment, position: np.ndarray, heading: float, lane
     ]
 
 
-def _sample_centre_line(lane: AbstractLane, lane_start: float) -> np.ndarray:
-    steps = max(int(math.ceil(lane.length / POLYLINE_STEP_M)), 1)
-    along = np.linspace(0.0, lane.length, steps + 1)
-    points = np.array([lane.position(s, 0.0) for s in along])
-    return np.column_stack([lane_start + along, points])
+def _lay_out_lanes(segments: list[_Segment], lanes: int) -> _TrackNetwork:
+    """Chain the segments' lanes end to end, the road starting at the origin heading along +x."""
+    network = _TrackNetwork()
+    position, heading = np.zeros(2), 0.0
+    for k, segment in enumerate(segments):
+        segment_lanes = _segment_lanes(segment, position, heading, lanes)
+        for lane in segment_lanes:
+            network.add_lane(k, k + 1, lane)
+        # The middle line ends halfway between the (symmetric) outer lanes' ends.
+        left_end = segment_lanes[0].position(segment_lanes[0].length, 0.0)
+        right_end = segment_lanes[-1].position(segment_lanes[-1].length, 0.0)
+        position = (left_end + right_end) / 2
+        heading += segment.turn * segment.length / segment.radius
+    return network
+
+
+def _sample_centre_line(lanes: list[AbstractLane], lane_starts: np.ndarray) -> np.ndarray:
+    """(n, 3) rows of (arc length, x, y) along consecutive lanes, every ~POLYLINE_STEP_M."""
+    pieces = []
+    for lane, lane_start in zip(lanes, lane_starts):
+        along = np.linspace(0.0, lane.length, max(int(math.ceil(lane.length / POLYLINE_STEP_M)), 1) + 1)
+        points = np.array([lane.position(s, 0.0) for s in along])
+        # Each piece's first point repeats the previous piece's last one.
+        pieces.append(np.column_stack([lane_start + along, points])[1 if pieces else 0 :])
+    return np.concatenate(pieces)
+
+
+def _place_landmarks(network: _TrackNetwork, lane_0_line: np.ndarray, lane_0_starts: np.ndarray) -> None:
+    landmarks = lane_0_line[:: int(LANDMARK_SPACING_M / POLYLINE_STEP_M)]
+    last_segment = len(lane_0_starts) - 1
+
+    def segment_at(arc_length: np.ndarray) -> np.ndarray:
+        return np.clip(np.searchsorted(lane_0_starts, arc_length, "right") - 1, 0, last_segment)
+
+    arcs = landmarks[:, 0]
+    first_segments, last_segments = segment_at(arcs - LANDMARK_SPACING_M), segment_at(arcs + LANDMARK_SPACING_M)
+    network.set_landmarks(landmarks[:, 1:], first_segments, last_segments)
 
 
 def _build_track(config: EnvConfig, rng: np.random.Generator) -> _Track:
     start_m = ROAD_BEHIND_START_M
     goal_m = start_m + config.route_length_m
     segments = _plan_segments(config.layout, goal_m + ROAD_BEYOND_GOAL_M, rng)
-    network = _TrackNetwork()
-    lanes = config.lanes
-    lane_lengths = np.zeros((lanes, len(segments)))
-    position, heading = np.zeros(2), 0.0
-    for k, segment in enumerate(segments):
-        segment_lanes = _segment_lanes(segment, position, heading, lanes)
-        for i, lane in enumerate(segment_lanes):
-            network.add_lane(k, k + 1, lane)
-            lane_lengths[i, k] = lane.length
-        # The middle line ends halfway between the (symmetric) outer lanes' ends.
-        position = (segment_lanes[0].position(lane_lengths[0, k], 0.0) + segment_lanes[-1].position(lane_lengths[-1, k], 0.0)) / 2
-        heading += segment.turn * segment.length / segment.radius if segment.turn else 0.0
-    lane_starts = np.concatenate([np.zeros((lanes, 1)), np.cumsum(lane_lengths, axis=1)[:, :-1]], axis=1)
-    centre_lines = []
-    for i in range(lanes):
-        pieces = [_sample_centre_line(network.graph[k][k + 1][i], lane_starts[i, k]) for k in range(len(segments))]
-        # Drop each piece's first point: it repeats the previous piece's last one.
-        centre_lines.append(np.concatenate([pieces[0]] + [p[1:] for p in pieces[1:]]))
-    landmarks = centre_lines[0][:: int(LANDMARK_SPACING_M / POLYLINE_STEP_M)]
-
-    def segment_at(arc_length: np.ndarray) -> np.ndarray:
-        return np.clip(np.searchsorted(lane_starts[0], arc_length, "right") - 1, 0, len(segments) - 1)
-
-    network.set_landmarks(
-        landmarks[:, 1:], segment_at(landmarks[:, 0] - LANDMARK_SPACING_M), segment_at(landmarks[:, 0] + LANDMARK_SPACING_M)
-    )
+    network = _lay_out_lanes(segments, config.lanes)
+    lanes_by_id = [[network.graph[k][k + 1][i] for k in range(len(segments))] for i in range(config.lanes)]
+    lane_lengths = np.array([[lane.length for lane in lanes] for lanes in lanes_by_id])
+    lane_starts = np.cumsum(lane_lengths, axis=1) - lane_lengths
+    centre_lines = [_sample_centre_line(lanes, starts) for lanes, starts in zip(lanes_by_id, lane_starts)]
+    _place_landmarks(network, centre_lines[0], lane_starts[0])
     segment_lengths = np.array([s.length for s in segments])
     return _Track(
         network=network,
-        lanes=lanes,
+        lanes=config.lanes,
         segment_starts=np.concatenate([[0.0], np.cumsum(segment_lengths)]),
         segment_lengths=segment_lengths,
         lane_starts=lane_starts,
@@ -350,7 +370,7 @@ def _build_track(config: EnvConfig, rng: np.random.Generator) -> _Track:
     )
 
 
-def traffic_count(config: EnvConfig, road_length_m: float) -> int:
+def _traffic_count(config: EnvConfig, road_length_m: float) -> int:
     """IDM vehicles on a road of this length for the config's scenario and density (before slot capping)."""
     per_lane = VEHICLES_PER_KM_PER_LANE[config.scenario] * config.traffic_density * road_length_m / 1000.0
     return int(round(per_lane * config.lanes))
@@ -362,14 +382,13 @@ def _spawn_traffic(road: Road, track: _Track, config: EnvConfig, rng: np.random.
         slot_centres < track.start_m + EGO_CLEAR_AHEAD_M + SPAWN_JITTER_M
     )
     slots = [(lane, road_m) for lane in range(track.lanes) for road_m in slot_centres[~near_ego]]
-    count = min(traffic_count(config, track.end_m), len(slots))
+    count = min(_traffic_count(config, track.end_m), len(slots))
     for slot in rng.choice(len(slots), size=count, replace=False):
         lane, road_m = slots[slot]
         segment, longitudinal = track.lane_arc_length(lane, road_m + rng.uniform(-SPAWN_JITTER_M, SPAWN_JITTER_M))
         geometry = track.lane(segment, lane)
-        vehicle = IDMVehicle(
-            road, geometry.position(longitudinal, 0.0), geometry.heading_at(longitudinal), rng.uniform(*NPC_SPEED_RANGE_MPS)
-        )
+        speed = rng.uniform(*NPC_SPEED_RANGE_MPS)
+        vehicle = IDMVehicle(road, geometry.position(longitudinal, 0.0), geometry.heading_at(longitudinal), speed)
         vehicle.randomize_behavior()
         road.vehicles.append(vehicle)
 
@@ -417,9 +436,8 @@ class HighwayBackend:
         lane = int(rng.integers(self.config.lanes))
         segment, longitudinal = self._track.lane_arc_length(lane, self._track.start_m)
         start_lane = self._track.lane(segment, lane)
-        ego = Vehicle(
-            self._road, start_lane.position(longitudinal, 0.0), start_lane.heading_at(longitudinal), self.config.initial_speed_mps
-        )
+        position, heading = start_lane.position(longitudinal, 0.0), start_lane.heading_at(longitudinal)
+        ego = Vehicle(self._road, position, heading, self.config.initial_speed_mps)
         ego.color = EGO_COLOR
         # MOBIL predicts how a lane change would make the ego brake by modelling it as an IDM driver with a
         # desired speed; without one it assumes the ego wants to stand still and never merges ahead of it.
@@ -444,14 +462,17 @@ class HighwayBackend:
     def _remove_vehicles_past_road_end(self) -> None:
         last = self._track.last_segment
         self._road.vehicles = [
-            v for v in self._road.vehicles if v is self._ego or v.lane_index[0] != last or not v.lane.after_end(v.position)
+            v
+            for v in self._road.vehicles
+            if v is self._ego or v.lane_index[0] != last or not v.lane.after_end(v.position)
         ]
         self._road.invalidate_positions()
 
     def frame(self) -> np.ndarray:
         self._draw(self._frame_surface)
         # The weights sum to just under 1, so the luma cannot overflow uint8. Pygame arrays are (W, H).
-        return np.dot(pygame.surfarray.array3d(self._frame_surface), GRAYSCALE_WEIGHTS).astype(np.uint8).T
+        luma = np.dot(pygame.surfarray.array3d(self._frame_surface), GRAYSCALE_WEIGHTS).astype(np.uint8)
+        return np.ascontiguousarray(luma.T)
 
     def top_view(self) -> np.ndarray:
         self._draw(self._top_view_surface)
@@ -468,8 +489,7 @@ class HighwayBackend:
         reach_m = math.hypot(surface.get_width(), surface.get_height()) / surface.scaling
         segment, lane, longitudinal, _ = self._ego_lane_position()
         ego_road_m = self._track.road_coordinate(segment, lane, longitudinal)
-        first, last = np.searchsorted(self._track.segment_starts, [ego_road_m - reach_m, ego_road_m + reach_m], "right") - 1
-        for k in range(max(first, 0), min(last, self._track.last_segment) + 1):
+        for k in range(self._track.segment_at(ego_road_m - reach_m), self._track.segment_at(ego_road_m + reach_m) + 1):
             for lane_geometry in self._track.network.graph[k][k + 1]:
                 LaneGraphics.display(lane_geometry, surface)
         RoadGraphics.display_traffic(self._road, surface, offscreen=True)
@@ -498,7 +518,7 @@ class HighwayBackend:
             progress_m=track.road_coordinate(segment, lane, longitudinal) - track.start_m,
             route_length_m=track.goal_m - track.start_m,
             lateral_offset_m=-float(lateral),
-            # Headings grow clockwise (to the right) in highway-env, the contract measures them counter-clockwise.
+            # Headings grow clockwise (to the right) in highway-env; the contract's grow counter-clockwise.
             heading_error_rad=_wrap_to_pi(ego.heading - ego.lane.heading_at(longitudinal)),
             waypoints_ego=self._waypoints(lane, track.lane_starts[lane, segment] + longitudinal),
             collision=bool(ego.crashed),
@@ -530,7 +550,9 @@ class HighwayBackend:
             lane_waypoints=lane_waypoints,
         )
 
-    def _neighbour(self, vehicle: Vehicle | None, arcs: np.ndarray, positions: _LanePositions, me: int) -> Neighbour | None:
+    def _neighbour(
+        self, vehicle: Vehicle | None, arcs: np.ndarray, positions: _LanePositions, me: int
+    ) -> Neighbour | None:
         """Bumper-to-bumper gap along the lane (0 when the two overlap) and speed of a neighbour."""
         if vehicle is None:
             return None

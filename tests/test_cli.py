@@ -1,0 +1,92 @@
+"""The CLI end to end: fit writes TensorBoard events and checkpoints, validate evaluates agents and baselines alike."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import cli
+from tests.tiny_run import fit
+
+ROOT = Path(__file__).resolve().parent.parent
+EVAL_KEYS = {
+    "eval/success_rate", "eval/collision_rate", "eval/avg_speed_kmh",
+    "eval/episode_return", "eval/episode_length", "eval/route_completion",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("tiny")
+    fit(run_dir, **{"model.init_args.log_images_every_n_updates": 3})
+    return run_dir
+
+
+def test_fit_writes_tensorboard_events_vs_env_steps_and_checkpoints(tiny_run):
+    (event_dir,) = {path.parent for path in (tiny_run / "logs").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(event_dir), size_guidance={"images": 0, "histograms": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    for name in ("train/critic_loss", "train/actor_loss", "train/q_mean", "train/q_max",
+                 "train/critic_grad_norm", "train/actor_grad_norm", "train/episode_return", "eval/success_rate"):
+        assert f"{name}_vs_env_steps" in scalars, name
+    assert EVAL_KEYS <= scalars
+    assert "obs/camera_stack" in events.Tags()["images"]
+    assert any(tag.startswith("grads/critic.cnn") for tag in events.Tags()["histograms"])
+    assert any(tag.startswith("cnn/actor_feature_std") for tag in scalars)
+    # Logged against env steps: the last critic loss point sits past warm-up, at the env step it was logged.
+    steps = [event.step for event in events.Scalars("train/critic_loss_vs_env_steps")]
+    assert steps == sorted(steps) and steps[0] >= 30
+    assert (tiny_run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_validate_a_checkpoint_through_the_evaluation_harness(tiny_run):
+    result = cli.main(["validate", "--config", str(tiny_run / "tiny.yaml"),
+                       "--ckpt_path", str(tiny_run / "checkpoints" / "last.ckpt")])
+    metrics = result.trainer.callback_metrics
+    assert EVAL_KEYS <= set(metrics)
+    assert 0.0 <= float(metrics["eval/route_completion"]) <= 1.0
+
+
+def test_baseline_validate_prints_every_metric():
+    completed = subprocess.run(
+        [sys.executable, "cli.py", "validate", "--config", "configs/baselines/idm_mobil.yaml",
+         "--data.eval_episodes", "2", "--data.env.route_length_m", "150"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    for key in EVAL_KEYS:
+        assert key in completed.stdout
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["--data.env.scenario", "7"], "env.scenario must be one of 0, 1, 2"),
+        (["--data.env.traffic_density", "-1"], "env.traffic_density must be a number >= 0"),
+        (["--data.env.backend", "unreal"], "env.backend must be one of"),
+        (["--data.env.image_size", "96"], "env.image_size must be 84"),
+        (["--data.batch_size", "0"], "data.batch_size must be an integer >= 1"),
+        (["--model.policy", "psychic"], "Expected a typing.Literal['random', 'idm_mobil']"),
+    ],
+)
+def test_bad_settings_stop_the_cli_with_one_clear_line(override, message):
+    completed = subprocess.run(
+        [sys.executable, "cli.py", "validate", "--config", "configs/baselines/random.yaml", *override],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode != 0
+    assert message in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_carla_without_a_server_fails_fast_naming_the_address():
+    completed = subprocess.run(
+        [sys.executable, "cli.py", "validate", "--config", "configs/baselines/idm_mobil.yaml",
+         "--config", "configs/carla.yaml", "--data.env.carla.port", "2", "--data.env.carla.timeout_s", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode != 0
+    assert "localhost:2" in completed.stderr and "CarlaUE4" in completed.stderr
+    assert "Traceback" not in completed.stderr
