@@ -44,6 +44,7 @@ class ReplayDataModule(pl.LightningDataModule):
         batch_size: transitions per TD3 update.
         eval_episodes: episodes per validation run.
         eval_seed: seed of the first evaluation episode; episode i uses eval_seed + i, the same for every policy.
+        test_seed: the same for `cli.py test`: held-out seeds, never looked at while tuning on validation.
         pin_memory: page-lock batches for asynchronous host-to-GPU copies (default: when CUDA is available).
     """
 
@@ -55,6 +56,7 @@ class ReplayDataModule(pl.LightningDataModule):
         batch_size: int = 256,
         eval_episodes: int = 10,
         eval_seed: int = 10_000,
+        test_seed: int = 20_000,
         pin_memory: bool | None = None,
     ):
         super().__init__()
@@ -72,6 +74,7 @@ class ReplayDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_episodes = eval_episodes
         self.eval_seed = eval_seed
+        self.test_seed = test_seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.buffer: ReplayBuffer | None = None
         self._sampler_rng: np.random.Generator | None = None
@@ -86,7 +89,13 @@ class ReplayDataModule(pl.LightningDataModule):
         return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
-        specs = [EpisodeSpec(env_config=self.env, seed=self.eval_seed + i) for i in range(self.eval_episodes)]
+        return self._episodes(self.eval_seed)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._episodes(self.test_seed)
+
+    def _episodes(self, first_seed: int) -> DataLoader:
+        specs = [EpisodeSpec(env_config=self.env, seed=first_seed + i) for i in range(self.eval_episodes)]
         return DataLoader(specs, batch_size=None, collate_fn=_keep_as_is)
 
     def state_dict(self) -> dict:

@@ -49,9 +49,10 @@ def test_validate_a_checkpoint_through_the_evaluation_harness(tiny_run):
     assert 0.0 <= float(metrics["eval/route_completion"]) <= 1.0
 
 
-def test_baseline_validate_prints_every_metric():
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_baseline_evaluation_prints_every_metric(subcommand):
     completed = subprocess.run(
-        [sys.executable, "cli.py", "validate", "--config", "configs/baselines/idm_mobil.yaml",
+        [sys.executable, "cli.py", subcommand, "--config", "configs/baselines/idm_mobil.yaml",
          "--data.eval_episodes", "2", "--data.env.route_length_m", "150"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
