@@ -68,6 +68,7 @@ class Collector(pl.Callback):
         self._restored: dict | None = None
         self._last_return = 0.0
         self._clock = (0.0, 0)  # (time, env_steps) at the last speed measurement
+        self._sps = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -131,7 +132,7 @@ class Collector(pl.Callback):
         now = time.perf_counter()
         then, steps_then = self._clock
         if now - then < 1.0:
-            return getattr(self, "_sps", 0.0)
+            return self._sps
         self._sps = (module.env_steps - steps_then) / (now - then)
         self._clock = (now, module.env_steps)
         return self._sps

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A setting is out of range; the message names the field and what is allowed."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file cannot serve here: another kind of model, another shape, or damaged."""

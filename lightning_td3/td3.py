@@ -19,7 +19,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
 from lightning_td3.driving_module import DrivingModule
 from lightning_td3.envs import DrivingEnv
-from lightning_td3.errors import ConfigError
+from lightning_td3.errors import CheckpointError, ConfigError
 from lightning_td3.evaluation import Policy
 from lightning_td3.networks import Actor, TwinCritic
 
@@ -176,7 +176,7 @@ class TD3(DrivingModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         progress = checkpoint.get(CHECKPOINT_KEY)
         if progress is None:
-            raise ValueError(
+            raise CheckpointError(
                 f"this checkpoint has no '{CHECKPOINT_KEY}' entry: it was not written by lightning_td3.td3.TD3"
             )
         self.env_steps = progress["env_steps"]

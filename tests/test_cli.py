@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import cli
@@ -38,7 +39,9 @@ def test_fit_writes_tensorboard_events_vs_env_steps_and_checkpoints(tiny_run):
     # Logged against env steps: the last critic loss point sits past warm-up, at the env step it was logged.
     steps = [event.step for event in events.Scalars("train/critic_loss_vs_env_steps")]
     assert steps == sorted(steps) and steps[0] >= 30
-    assert (tiny_run / "checkpoints" / "last.ckpt").is_file()
+    progress = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)["td3_progress"]
+    # One update per env step after the 30 warm-up steps (two envs step together, so within one vector step).
+    assert progress["updates"] == 6 and 0 <= progress["env_steps"] - 30 - progress["updates"] < 2
 
 
 def test_validate_a_checkpoint_through_the_evaluation_harness(tiny_run):
@@ -68,6 +71,7 @@ def test_baseline_evaluation_prints_every_metric(subcommand):
         (["--data.env.traffic_density", "-1"], "env.traffic_density must be a number >= 0"),
         (["--data.env.backend", "unreal"], "env.backend must be one of"),
         (["--data.env.image_size", "96"], "env.image_size must be 84"),
+        (["--data.env.max_steer_rad", "2"], "env.max_steer_rad must be in (0, 0.6] radians"),
         (["--data.batch_size", "0"], "data.batch_size must be an integer >= 1"),
         (["--model.policy", "psychic"], "Expected a typing.Literal['random', 'idm_mobil']"),
     ],

@@ -81,6 +81,8 @@ class EnvConfig:
         target_speed_mps: the speed the efficiency reward tracks.
         initial_speed_mps: ego speed at reset (highway backend; CARLA starts at rest).
         policy_frequency_hz: agent decisions per simulated second (highway backend; CARLA is fixed at 20 Hz).
+        max_steer_rad: front-wheel angle at steer = ±1 (highway backend; CARLA uses the car's own limit). At highway
+            speed 0.1 rad already turns on a 50 m radius; bends need about 0.03.
         max_steps: steps before time-out (truncation).
         num_waypoints: route waypoints in the vector observation.
         waypoint_spacing_m: distance between those waypoints along the lane.
@@ -101,6 +103,7 @@ class EnvConfig:
     target_speed_mps: float = 25.0
     initial_speed_mps: float = 20.0
     policy_frequency_hz: float = 5.0
+    max_steer_rad: float = 0.1
     max_steps: int = 300
     num_waypoints: int = 25
     waypoint_spacing_m: float = 2.0
@@ -130,6 +133,7 @@ class EnvConfig:
         _require(self.target_speed_mps > 0, "env.target_speed_mps", "> 0", self.target_speed_mps)
         _require(self.initial_speed_mps >= 0, "env.initial_speed_mps", ">= 0", self.initial_speed_mps)
         _require(self.policy_frequency_hz > 0, "env.policy_frequency_hz", "> 0", self.policy_frequency_hz)
+        _require(0 < self.max_steer_rad <= 0.6, "env.max_steer_rad", "in (0, 0.6] radians", self.max_steer_rad)
         _require(isinstance(self.max_steps, int) and self.max_steps > 0, "env.max_steps", "an integer > 0", self.max_steps)
         _require(
             isinstance(self.num_waypoints, int) and self.num_waypoints > 0,

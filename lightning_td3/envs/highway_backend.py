@@ -58,7 +58,6 @@ LANDMARK_SPACING_M = 5.0
 
 # --- Simulation ----------------------------------------------------------------------------------------
 SIMULATION_FREQUENCY_HZ = 15.0  # traffic acts and collisions are checked at this rate
-MAX_STEER_RAD = 0.3
 MAX_ACCEL_MPS2 = 4.0
 MAX_BRAKE_MPS2 = 8.0
 # highway-env's bicycle model slips by beta = atan(tan(steer) / 2) and yaws at speed * sin(beta) / (LENGTH / 2):
@@ -410,7 +409,7 @@ class HighwayBackend:
     def __init__(self, config: EnvConfig):
         self.config = config
         self.limits = VehicleLimits(
-            max_steer_rad=MAX_STEER_RAD,
+            max_steer_rad=config.max_steer_rad,
             max_accel_mps2=MAX_ACCEL_MPS2,
             max_brake_mps2=MAX_BRAKE_MPS2,
             wheelbase_m=WHEELBASE_M,
