@@ -1,4 +1,4 @@
-"""Command line: `python cli.py fit|validate|test --config configs/....yaml` (LightningCLI; `--help` lists every option)."""
+"""Command line: `python cli.py fit|validate|test --config configs/<file>.yaml`; `--help` lists every option."""
 
 import sys
 import warnings
@@ -19,6 +19,8 @@ def main(args=None) -> LightningCLI:
         ReplayDataModule,
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
+        # TD3 builds its two optimizers itself (model.actor_lr / model.critic_lr).
+        auto_configure_optimizers=False,
         args=args,
     )
 

@@ -101,7 +101,10 @@ class ReplayDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict:
         if self.buffer is None:
             return {}
-        return {"buffer": arrays_to_tensors(self.buffer.state_dict()), "sampler_rng": self._sampler_rng.bit_generator.state}
+        return {
+            "buffer": arrays_to_tensors(self.buffer.state_dict()),
+            "sampler_rng": self._sampler_rng.bit_generator.state,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict or self.buffer is None:

@@ -75,7 +75,7 @@ class Collector(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, module) -> None:
         data = trainer.datamodule
         if data is None or getattr(data, "buffer", None) is None:
-            raise RuntimeError("the Collector needs the ReplayDataModule (data: class_path: datamodules.replay.ReplayDataModule)")
+            raise ConfigError("the Collector needs data: datamodules.replay.ReplayDataModule (it holds the replay)")
         self.envs = make_vector_env(data.env, data.num_envs, self.async_envs)
         self._rng = stream_rng("exploration", trainer.global_rank)
         if self._restored is not None:

@@ -134,7 +134,9 @@ class EnvConfig:
         _require(self.initial_speed_mps >= 0, "env.initial_speed_mps", ">= 0", self.initial_speed_mps)
         _require(self.policy_frequency_hz > 0, "env.policy_frequency_hz", "> 0", self.policy_frequency_hz)
         _require(0 < self.max_steer_rad <= 0.6, "env.max_steer_rad", "in (0, 0.6] radians", self.max_steer_rad)
-        _require(isinstance(self.max_steps, int) and self.max_steps > 0, "env.max_steps", "an integer > 0", self.max_steps)
+        _require(
+            isinstance(self.max_steps, int) and self.max_steps > 0, "env.max_steps", "an integer > 0", self.max_steps
+        )
         _require(
             isinstance(self.num_waypoints, int) and self.num_waypoints > 0,
             "env.num_waypoints",

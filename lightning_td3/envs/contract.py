@@ -183,7 +183,8 @@ class DrivingEnv(gym.Env):
         self._last_measurement = measurement
         self._return += terms.total
         self._distance_m += measurement.speed_mps * self.backend.dt
-        return self._observation(measurement), terms.total, terminated, truncated, self._info(measurement, reason, terms)
+        info = self._info(measurement, reason, terms)
+        return self._observation(measurement), terms.total, terminated, truncated, info
 
     def render(self):
         if self.render_mode == "rgb_array":
