@@ -7,25 +7,16 @@ updates) on a fixed pinned batch that is copied to the device every update, as t
 """
 
 import argparse
+import itertools
 import time
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_td3.td3 import TD3
 
 VECTOR_SIZE = 54
 WARMUP_UPDATES = 20
-
-
-class RepeatBatch(IterableDataset):
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __iter__(self):
-        while True:
-            yield self.batch
 
 
 def random_batch(batch_size: int, pin: bool) -> dict[str, torch.Tensor]:
@@ -74,8 +65,8 @@ def main() -> None:
         limit_train_batches=WARMUP_UPDATES + args.updates, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
     )
-    batches = DataLoader(RepeatBatch(random_batch(args.batch_size, pin=args.device == "cuda")), batch_size=None)
-    trainer.fit(module, train_dataloaders=batches)
+    # The same pinned host batch every update: TD3 copies it to the device each time, as from the replay stream.
+    trainer.fit(module, train_dataloaders=itertools.repeat(random_batch(args.batch_size, pin=args.device == "cuda")))
     updates_per_s = args.updates / (clock.end - clock.start)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     print(f"device: {name}; batch {args.batch_size}; timed updates {args.updates}")

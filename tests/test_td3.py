@@ -1,9 +1,10 @@
 """TD3 update: what changes on which step, where gradients go, and the target against a hand computation."""
 
+import itertools
+
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_td3.td3 import TD3, clipped_double_q_target, smoothed_target_action
 
@@ -23,21 +24,12 @@ def fixed_batch(size: int = 8) -> dict[str, torch.Tensor]:
     }
 
 
-class RepeatBatch(IterableDataset):
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __iter__(self):
-        while True:
-            yield self.batch
-
-
 def one_update(module: TD3) -> None:
     trainer = pl.Trainer(
         max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
-    trainer.fit(module, train_dataloaders=DataLoader(RepeatBatch(fixed_batch()), batch_size=None))
+    trainer.fit(module, train_dataloaders=itertools.repeat(fixed_batch()))
 
 
 def snapshot(network: torch.nn.Module) -> list[torch.Tensor]:
