@@ -36,7 +36,7 @@ class EpisodeResult:
     episode_return: float
     episode_length: int
     route_completion: float
-    reason: str | None  # one of contract.REASONS
+    reason: str | None  # contract.TERMINAL_REASONS, "time_out", or None
 
     @classmethod
     def from_info(cls, info: dict[str, Any]) -> EpisodeResult:

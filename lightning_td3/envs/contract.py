@@ -32,7 +32,9 @@ WAYPOINT_SCALE_M = 50.0
 # Hard bound of the vector observation space; values are clipped into it.
 VECTOR_BOUND = 5.0
 
-REASONS = ("collision", "off_road", "goal", "time_out")
+# Why an episode ended; "time_out" is a truncation, the others are terminal.
+CRASHES = ("collision", "off_road")
+TERMINAL_REASONS = (*CRASHES, "goal")
 
 
 @dataclass
@@ -165,7 +167,7 @@ class DrivingEnv(gym.Env):
         self._stack[-1] = self.backend.frame()
 
         reason = self._termination_reason(measurement)
-        terminated = reason in ("collision", "off_road", "goal")
+        terminated = reason in TERMINAL_REASONS
         truncated = reason == "time_out"
         terms = compute_reward(
             self.config.reward,
@@ -177,7 +179,7 @@ class DrivingEnv(gym.Env):
             off_road_distance_m=self.config.off_road_distance_m,
             heading_error_rad=measurement.heading_error_rad,
             action_change=action - self._last_action,
-            crashed=reason in ("collision", "off_road"),
+            crashed=reason in CRASHES,
         )
         self._last_action = action
         self._last_measurement = measurement
