@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
 from lightning_td3.envs import EnvConfig
-from lightning_td3.errors import ConfigError
+from lightning_td3.errors import require
 from lightning_td3.evaluation import EpisodeSpec
 from lightning_td3.replay import ReplayBuffer
 from lightning_td3.seeding import stream_rng
@@ -66,8 +66,7 @@ class ReplayDataModule(pl.LightningDataModule):
             ("data.batch_size", batch_size, 1),
             ("data.eval_episodes", eval_episodes, 1),
         ):
-            if not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"{name} must be an integer >= {minimum}; got {value!r}")
+            require(isinstance(value, int) and value >= minimum, name, f"an integer >= {minimum}", value)
         self.env = env
         self.num_envs = num_envs
         self.buffer_capacity = buffer_capacity

@@ -19,7 +19,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
 from lightning_td3.envs import DrivingEnv, EnvConfig
-from lightning_td3.errors import ConfigError
+from lightning_td3.errors import ConfigError, require
 from lightning_td3.seeding import stream_rng, stream_seed
 
 WARMUP_REPORT_EVERY = 1000  # env steps between warm-up progress lines
@@ -52,12 +52,12 @@ class Collector(pl.Callback):
         updates_per_step: float = 1.0,
         async_envs: bool = True,
     ) -> None:
-        if not isinstance(learning_starts, int) or learning_starts < 1:
-            raise ConfigError(f"Collector.learning_starts must be an integer >= 1; got {learning_starts!r}")
-        if exploration_noise < 0:
-            raise ConfigError(f"Collector.exploration_noise must be >= 0; got {exploration_noise!r}")
-        if updates_per_step <= 0:
-            raise ConfigError(f"Collector.updates_per_step must be > 0; got {updates_per_step!r}")
+        require(
+            isinstance(learning_starts, int) and learning_starts >= 1,
+            "Collector.learning_starts", "an integer >= 1", learning_starts,
+        )
+        require(exploration_noise >= 0, "Collector.exploration_noise", ">= 0", exploration_noise)
+        require(updates_per_step > 0, "Collector.updates_per_step", "> 0", updates_per_step)
         self.learning_starts = learning_starts
         self.exploration_noise = exploration_noise
         self.updates_per_step = updates_per_step

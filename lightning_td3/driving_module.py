@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 
 from lightning_td3.baselines import IdmMobilPolicy, RandomPolicy
 from lightning_td3.envs import DrivingEnv, EnvConfig
-from lightning_td3.errors import ConfigError
+from lightning_td3.errors import require
 from lightning_td3.evaluation import EpisodeSpec, EvaluationMetrics, Policy, run_episode
 
 
@@ -67,8 +67,7 @@ class BaselineDriver(DrivingModule):
 
     def __init__(self, policy: Literal["random", "idm_mobil"] = "idm_mobil") -> None:
         super().__init__()
-        if policy not in BASELINES:
-            raise ConfigError(f"model.policy must be one of {sorted(BASELINES)}; got {policy!r}")
+        require(policy in BASELINES, "model.policy", f"one of {sorted(BASELINES)}", policy)
         self.save_hyperparameters()
         self._policy = BASELINES[policy]()
 

@@ -19,7 +19,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
 from lightning_td3.driving_module import DrivingModule
 from lightning_td3.envs import DrivingEnv
-from lightning_td3.errors import CheckpointError, ConfigError
+from lightning_td3.errors import CheckpointError, ConfigError, require
 from lightning_td3.evaluation import Policy
 from lightning_td3.networks import Actor, TwinCritic
 
@@ -81,12 +81,11 @@ class TD3(DrivingModule):
         log_images_every_n_updates: int = 5000,
     ) -> None:
         super().__init__()
-        if not 0.0 <= gamma < 1.0:
-            raise ConfigError(f"model.gamma must be in [0, 1); got {gamma!r}")
-        if not 0.0 < tau <= 1.0:
-            raise ConfigError(f"model.tau must be in (0, 1]; got {tau!r}")
-        if not isinstance(policy_delay, int) or policy_delay < 1:
-            raise ConfigError(f"model.policy_delay must be an integer >= 1; got {policy_delay!r}")
+        require(0.0 <= gamma < 1.0, "model.gamma", "in [0, 1)", gamma)
+        require(0.0 < tau <= 1.0, "model.tau", "in (0, 1]", tau)
+        require(
+            isinstance(policy_delay, int) and policy_delay >= 1, "model.policy_delay", "an integer >= 1", policy_delay
+        )
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.actor = Actor(vector_size=vector_size, hidden_sizes=tuple(hidden_sizes), layer_norm=layer_norm)

@@ -7,18 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lightning_td3.errors import ConfigError
+from lightning_td3.errors import require
 
 BACKENDS = ("highway", "carla")
 LAYOUTS = ("straight", "curvy")
 SCENARIOS = {0: "light", 1: "medium", 2: "dense"}
 IMAGE_SIZE = 84
 FRAME_STACK = 4
-
-
-def _require(ok: bool, name: str, allowed: str, got: object) -> None:
-    if not ok:
-        raise ConfigError(f"{name} must be {allowed}; got {got!r}")
 
 
 @dataclass
@@ -36,7 +31,7 @@ class RewardConfig:
     def __post_init__(self) -> None:
         for name in ("efficiency", "lane_keeping", "comfort", "safety", "progress", "crash_penalty"):
             value = getattr(self, name)
-            _require(isinstance(value, (int, float)) and value >= 0, f"env.reward.{name}", "a number >= 0", value)
+            require(isinstance(value, (int, float)) and value >= 0, f"env.reward.{name}", "a number >= 0", value)
 
 
 @dataclass
@@ -53,13 +48,13 @@ class CarlaConfig:
     camera_fov_deg: float = 90.0
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.host, str) and bool(self.host), "env.carla.host", "a non-empty host name", self.host)
+        require(isinstance(self.host, str) and bool(self.host), "env.carla.host", "a non-empty host name", self.host)
         for name in ("port", "tm_port"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and 0 < value < 65536, f"env.carla.{name}", "a port in 1..65535", value)
-        _require(self.timeout_s > 0, "env.carla.timeout_s", "> 0 seconds", self.timeout_s)
+            require(isinstance(value, int) and 0 < value < 65536, f"env.carla.{name}", "a port in 1..65535", value)
+        require(self.timeout_s > 0, "env.carla.timeout_s", "> 0 seconds", self.timeout_s)
         self.npc_vehicles = tuple(self.npc_vehicles)
-        _require(
+        require(
             len(self.npc_vehicles) == 3 and all(isinstance(n, int) and n >= 0 for n in self.npc_vehicles),
             "env.carla.npc_vehicles",
             "three counts >= 0 for scenarios 0/1/2",
@@ -119,40 +114,40 @@ class EnvConfig:
             self.reward = RewardConfig(**self.reward)
         if isinstance(self.carla, dict):
             self.carla = CarlaConfig(**self.carla)
-        _require(self.backend in BACKENDS, "env.backend", f"one of {BACKENDS}", self.backend)
-        _require(
+        require(self.backend in BACKENDS, "env.backend", f"one of {BACKENDS}", self.backend)
+        require(
             isinstance(self.scenario, int) and self.scenario in SCENARIOS,
             "env.scenario",
             "one of 0, 1, 2 (light, medium, dense traffic)",
             self.scenario,
         )
-        _require(self.traffic_density >= 0, "env.traffic_density", "a number >= 0", self.traffic_density)
-        _require(self.layout in LAYOUTS, "env.layout", f"one of {LAYOUTS}", self.layout)
-        _require(isinstance(self.lanes, int) and 1 <= self.lanes <= 6, "env.lanes", "an integer in 1..6", self.lanes)
-        _require(self.route_length_m >= 100, "env.route_length_m", ">= 100 metres", self.route_length_m)
-        _require(self.target_speed_mps > 0, "env.target_speed_mps", "> 0", self.target_speed_mps)
-        _require(self.initial_speed_mps >= 0, "env.initial_speed_mps", ">= 0", self.initial_speed_mps)
-        _require(self.policy_frequency_hz > 0, "env.policy_frequency_hz", "> 0", self.policy_frequency_hz)
-        _require(0 < self.max_steer_rad <= 0.6, "env.max_steer_rad", "in (0, 0.6] radians", self.max_steer_rad)
-        _require(
+        require(self.traffic_density >= 0, "env.traffic_density", "a number >= 0", self.traffic_density)
+        require(self.layout in LAYOUTS, "env.layout", f"one of {LAYOUTS}", self.layout)
+        require(isinstance(self.lanes, int) and 1 <= self.lanes <= 6, "env.lanes", "an integer in 1..6", self.lanes)
+        require(self.route_length_m >= 100, "env.route_length_m", ">= 100 metres", self.route_length_m)
+        require(self.target_speed_mps > 0, "env.target_speed_mps", "> 0", self.target_speed_mps)
+        require(self.initial_speed_mps >= 0, "env.initial_speed_mps", ">= 0", self.initial_speed_mps)
+        require(self.policy_frequency_hz > 0, "env.policy_frequency_hz", "> 0", self.policy_frequency_hz)
+        require(0 < self.max_steer_rad <= 0.6, "env.max_steer_rad", "in (0, 0.6] radians", self.max_steer_rad)
+        require(
             isinstance(self.max_steps, int) and self.max_steps > 0, "env.max_steps", "an integer > 0", self.max_steps
         )
-        _require(
+        require(
             isinstance(self.num_waypoints, int) and self.num_waypoints > 0,
             "env.num_waypoints",
             "an integer > 0",
             self.num_waypoints,
         )
-        _require(self.waypoint_spacing_m > 0, "env.waypoint_spacing_m", "> 0", self.waypoint_spacing_m)
-        _require(self.off_road_distance_m > 0, "env.off_road_distance_m", "> 0", self.off_road_distance_m)
-        _require(self.goal_radius_m > 0, "env.goal_radius_m", "> 0", self.goal_radius_m)
-        _require(
+        require(self.waypoint_spacing_m > 0, "env.waypoint_spacing_m", "> 0", self.waypoint_spacing_m)
+        require(self.off_road_distance_m > 0, "env.off_road_distance_m", "> 0", self.off_road_distance_m)
+        require(self.goal_radius_m > 0, "env.goal_radius_m", "> 0", self.goal_radius_m)
+        require(
             self.image_size == IMAGE_SIZE,
             "env.image_size",
             f"{IMAGE_SIZE} (the NatureCNN input size)",
             self.image_size,
         )
-        _require(self.pixels_per_meter > 0, "env.pixels_per_meter", "> 0", self.pixels_per_meter)
+        require(self.pixels_per_meter > 0, "env.pixels_per_meter", "> 0", self.pixels_per_meter)
 
     @property
     def vector_size(self) -> int:
