@@ -95,7 +95,7 @@ class ReplayDataModule(pl.LightningDataModule):
 
     def _episodes(self, first_seed: int) -> DataLoader:
         specs = [EpisodeSpec(env_config=self.env, seed=first_seed + i) for i in range(self.eval_episodes)]
-        return DataLoader(specs, batch_size=None, collate_fn=_keep_as_is)
+        return DataLoader(specs, batch_size=None)
 
     def state_dict(self) -> dict:
         if self.buffer is None:
@@ -113,7 +113,3 @@ class ReplayDataModule(pl.LightningDataModule):
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
-
-
-def _keep_as_is(item):
-    return item
