@@ -7,7 +7,7 @@ results gathered on several DDP ranks reduce to the mean over all episodes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,13 +60,19 @@ class EpisodeSpec:
     seed: int
 
 
-def run_episode(env: DrivingEnv, policy: Policy, seed: int) -> EpisodeResult:
+def run_episode(
+    env: DrivingEnv, policy: Policy, seed: int, watch: Callable[[dict, dict], None] | None = None
+) -> EpisodeResult:
+    """One episode; `watch(obs, info)` sees every observation (after the reset and each step), e.g. to film it."""
     obs, info = env.reset(seed=seed)
     policy.reset(seed)
     terminated = truncated = False
-    while not (terminated or truncated):
+    while True:
+        if watch is not None:
+            watch(obs, info)
+        if terminated or truncated:
+            return EpisodeResult.from_info(info)
         obs, _, terminated, truncated, info = env.step(policy.act(obs, env))
-    return EpisodeResult.from_info(info)
 
 
 # Metric name -> the EpisodeResult field averaged into it.

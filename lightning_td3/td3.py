@@ -15,15 +15,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.trainer.states import TrainerFn
 
 from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
 from lightning_td3.driving_module import DrivingModule
 from lightning_td3.envs import DrivingEnv
 from lightning_td3.errors import CheckpointError, ConfigError, require
 from lightning_td3.evaluation import Policy
+from lightning_td3.export import ACTOR_ONLY_KEY
 from lightning_td3.networks import Actor, TwinCritic
 
 CHECKPOINT_KEY = "td3_progress"
+ARCHITECTURE_HPARAMS = ("vector_size", "hidden_sizes", "layer_norm")  # what decides the weights' shapes
 
 
 def clipped_double_q_target(
@@ -173,11 +176,16 @@ class TD3(DrivingModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if ACTOR_ONLY_KEY in checkpoint:
+            self._load_shipped_actor(checkpoint)
+            return
         progress = checkpoint.get(CHECKPOINT_KEY)
         if progress is None:
             raise CheckpointError(
-                f"this checkpoint has no '{CHECKPOINT_KEY}' entry: it was not written by lightning_td3.td3.TD3"
+                f"{self._checkpoint_name()} has no '{CHECKPOINT_KEY}' entry: it was not written by "
+                "lightning_td3.td3.TD3 (nor by `python -m lightning_td3.export`)"
             )
+        self._check_fits(checkpoint["state_dict"], checkpoint.get("hyper_parameters", {}))
         self.env_steps = progress["env_steps"]
         self.episodes = progress["episodes"]
         self.updates = progress["updates"]
@@ -191,6 +199,49 @@ class TD3(DrivingModule):
     def on_validation_epoch_end(self) -> None:
         metrics = self._log_evaluation()
         self.log_vs_env_steps(metrics)
+
+    def _load_shipped_actor(self, checkpoint: dict) -> None:
+        # An exported actor holds no critic, optimizer or replay: it can be evaluated, not trained further.
+        if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
+            raise CheckpointError(
+                f"{self._checkpoint_name()} holds only an actor's weights, for validate/test; to train, resume "
+                "from a full training checkpoint (e.g. --ckpt_path last) or start without --ckpt_path"
+            )
+        shipped = checkpoint[ACTOR_ONLY_KEY]
+        self._check_fits(checkpoint["state_dict"], shipped["hyper_parameters"], part="actor.")
+        self.env_steps = shipped["env_steps"]
+        # The critic stays as built; filling it in keeps Lightning's strict loading, which still guards the actor.
+        own = self.state_dict()
+        checkpoint["state_dict"] = {
+            **own, **{name: value.to(own[name].dtype) for name, value in checkpoint["state_dict"].items()}
+        }
+
+    def _check_fits(self, state_dict: dict[str, torch.Tensor], trained_with: dict, part: str = "") -> None:
+        """A clear error instead of PyTorch's size-mismatch wall when the checkpoint was built differently.
+
+        `part` limits the comparison to the parameters whose names start with it (an exported actor: "actor.").
+        """
+        own = {name: value for name, value in self.state_dict().items() if name.startswith(part)}
+        problem = next((f"lacks '{name}'" for name in own if name not in state_dict), None)
+        for name, value in state_dict.items():
+            if problem is not None:
+                break
+            if name not in own:
+                problem = f"has '{name}', which this model lacks"
+            elif value.shape != own[name].shape:
+                problem = f"has '{name}' of shape {tuple(value.shape)}, this model {tuple(own[name].shape)}"
+        if problem is None:
+            return
+        built = {name: trained_with[name] for name in ARCHITECTURE_HPARAMS if name in trained_with}
+        here = {name: self.hparams[name] for name in ARCHITECTURE_HPARAMS}
+        raise CheckpointError(
+            f"{self._checkpoint_name()} does not fit this model: it {problem}. It was trained with {built}; "
+            f"this model is built with {here}; set the same model.init_args"
+        )
+
+    def _checkpoint_name(self) -> str:
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        return f"checkpoint {path}" if path else "the checkpoint"
 
     # --- helpers -----------------------------------------------------------------------------------------------
 

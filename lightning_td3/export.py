@@ -1,0 +1,75 @@
+"""Ship a trained agent: the actor's weights alone, in half precision, from a full training checkpoint.
+
+A training checkpoint holds the actor, the twin critics, both targets, the optimizers and (for resuming) the replay
+buffer: hundreds of MB. Driving needs only the actor, a few MB in fp16. The exported file is still a Lightning
+checkpoint, so `python cli.py validate|test --config <the run's config> --ckpt_path <file>` evaluates it; TD3
+refuses it for `fit`, since there is nothing to resume.
+
+    python -m lightning_td3.export runs/<run>/checkpoints/<file>.ckpt agents/<name>.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from lightning_td3.errors import CheckpointError, UserError
+
+ACTOR_ONLY_KEY = "td3_actor_only"
+ACTOR_PREFIX = "actor."
+
+
+def export_actor(checkpoint_path: Path, out_path: Path, dtype: torch.dtype = torch.float16) -> dict:
+    """Write the actor of a TD3 training checkpoint to `out_path`; return what was written."""
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as why:
+        raise CheckpointError(f"cannot read checkpoint {checkpoint_path}: {why}") from why
+    weights = {
+        name: value.to(dtype) if value.is_floating_point() else value
+        for name, value in checkpoint.get("state_dict", {}).items()
+        if name.startswith(ACTOR_PREFIX)
+    }
+    if not weights:
+        raise CheckpointError(f"{checkpoint_path} has no '{ACTOR_PREFIX}*' weights: it is not a TD3 checkpoint")
+    hyper_parameters = checkpoint.get("hyper_parameters", {})
+    shipped = {
+        "pytorch-lightning_version": checkpoint["pytorch-lightning_version"],
+        "state_dict": weights,
+        "hyper_parameters": hyper_parameters,
+        ACTOR_ONLY_KEY: {
+            "hyper_parameters": dict(hyper_parameters),
+            "env_steps": checkpoint.get("td3_progress", {}).get("env_steps", 0),
+            "source": Path(checkpoint_path).name,
+            "dtype": str(dtype).removeprefix("torch."),
+        },
+    }
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.name + ".partial")
+    torch.save(shipped, partial)
+    os.replace(partial, out_path)  # a reader never sees half a file
+    return shipped
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="a TD3 training checkpoint (.ckpt)")
+    parser.add_argument("out", type=Path, help="where to write the actor-only checkpoint")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    args = parser.parse_args(argv)
+    try:
+        shipped = export_actor(args.checkpoint, args.out, getattr(torch, args.dtype))
+    except UserError as error:
+        raise SystemExit(f"error: {error}") from None
+    size_mb = args.out.stat().st_size / 2**20
+    print(f"wrote {args.out} ({size_mb:.1f} MB, {len(shipped['state_dict'])} actor tensors, {args.dtype}, "
+          f"trained {shipped[ACTOR_ONLY_KEY]['env_steps']} env steps)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Pictures of a run for people: the learning curve against the baselines, and a GIF of one evaluation episode.
+
+    python -m lightning_td3.figures curve --run runs/<name>/version_<n> --out docs/<name>_curve.png
+    python -m lightning_td3.figures episode --config <run config>.yaml --ckpt <checkpoint> --seed 50000 \
+        --out docs/<name>_episode.gif
+
+The curve reads the run's own TensorBoard scalars (logged against env steps) and its saved config; the baselines
+are evaluated on the very episodes the run was validated on, through the same harness, so the lines compare like
+with like. The GIF shows what the networks see (the 4-frame camera stack) above a top view of the road.
+Needs matplotlib (`pip install -e ".[figures]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from lightning_td3.baselines import IdmMobilPolicy, RandomPolicy
+from lightning_td3.envs import DrivingEnv, EnvConfig
+from lightning_td3.errors import ConfigError, UserError
+from lightning_td3.evaluation import evaluate, run_episode
+
+CURVE_METRICS = {"eval/success_rate": "success rate", "eval/episode_return": "episode return"}
+BASELINES = {"Random": RandomPolicy, "IDM+MOBIL": IdmMobilPolicy}
+CAMERA_ZOOM = 2  # 84-pixel frames are too small to read in a README
+CAPTION_HEIGHT = 20
+
+
+# --- learning curve ------------------------------------------------------------------------------------------------
+
+def eval_scalars_vs_env_steps(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{metric: (env_steps, values)} of the run's evaluations, from its TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    available = set(events.Tags()["scalars"])
+    curves = {}
+    for metric in CURVE_METRICS:
+        tag = f"{metric}_vs_env_steps"
+        if tag not in available:
+            raise UserError(f"{run_dir} has no '{tag}' scalars: is it a TD3 run's log directory (runs/<name>/version_<n>)?")
+        points = events.Scalars(tag)
+        curves[metric] = (np.array([p.step for p in points]), np.array([p.value for p in points]))
+    return curves
+
+
+def run_evaluation_episodes(run_dir: Path) -> tuple[EnvConfig, list[int]]:
+    """The env and seeds the run's validation used, from the config.yaml LightningCLI saved next to its events."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise UserError(f"{config_path} is missing: the baselines need the run's config to replay its evaluation")
+    data = yaml.safe_load(config_path.read_text())["data"]
+    seeds = list(range(data["eval_seed"], data["eval_seed"] + data["eval_episodes"]))
+    return EnvConfig(**data["env"]), seeds
+
+
+def plot_learning_curve(run_dir: Path, out: Path) -> dict[str, dict[str, float]]:
+    """Draw the run's evaluation curves with the baselines as horizontal lines; return the baselines' metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = eval_scalars_vs_env_steps(run_dir)
+    env_config, seeds = run_evaluation_episodes(run_dir)
+    baselines = {name: evaluate(policy(), env_config, seeds) for name, policy in BASELINES.items()}
+
+    figure, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(11, 4), constrained_layout=True)
+    for axis, (metric, label) in zip(axes, CURVE_METRICS.items()):
+        steps, values = curves[metric]
+        axis.plot(steps, values, marker="o", color="tab:blue", label="TD3 (pixels)")
+        for (name, metrics), style in zip(baselines.items(), ("--", ":")):
+            axis.axhline(metrics[metric], linestyle=style, color="gray", label=name)
+        axis.set_xlabel("env steps")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylim(-0.05, 1.05)
+    axes[0].legend(loc="lower right")
+    figure.suptitle(
+        f"{run_dir.parent.name}/{run_dir.name}: scenario {env_config.scenario}, {env_config.layout}, "
+        f"{len(seeds)} evaluation episodes (seeds {seeds[0]}-{seeds[-1]})"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return baselines
+
+
+# --- episode GIF ---------------------------------------------------------------------------------------------------
+
+def episode_frame(image_stack: np.ndarray, top_view: np.ndarray, caption: str) -> np.ndarray:
+    """One GIF frame: the camera stack (oldest frame left, enlarged), the top view, and a caption line."""
+    from PIL import Image, ImageDraw
+
+    camera = np.concatenate(list(image_stack), axis=1).repeat(CAMERA_ZOOM, axis=0).repeat(CAMERA_ZOOM, axis=1)
+    camera = np.repeat(camera[:, :, None], 3, axis=2)
+    width = max(camera.shape[1], top_view.shape[1])
+    caption_strip = np.zeros((CAPTION_HEIGHT, width, 3), np.uint8)
+    rows = [np.pad(part, ((0, 0), (0, width - part.shape[1]), (0, 0))) for part in (camera, top_view, caption_strip)]
+    frame = Image.fromarray(np.concatenate(rows, axis=0))
+    ImageDraw.Draw(frame).text((6, frame.height - CAPTION_HEIGHT + 4), caption, fill=(255, 255, 255))
+    return np.asarray(frame)
+
+
+def _caption(info: dict) -> str:
+    outcome = f"  {info['reason']}" if info["reason"] else ""
+    return (f"step {info['episode_length']:3d}   {info['speed_kmh']:5.1f} km/h   "
+            f"route {100 * info['route_completion']:3.0f} %{outcome}")
+
+
+def record_episode(config_path: Path, checkpoint: Path, seed: int, out: Path) -> dict:
+    """Drive one evaluation episode with the checkpoint's actor and write it as a GIF; return its result."""
+    from PIL import Image
+
+    from lightning_td3.td3 import TD3
+
+    agent = TD3.load_from_checkpoint(checkpoint, map_location="cpu")
+    agent.eval()
+    env = DrivingEnv(_env_config(config_path), render_mode="rgb_array")
+    frames = []
+    try:
+        result = run_episode(
+            env, agent.policy(), seed, watch=lambda obs, info: frames.append(episode_frame(obs["image"], env.render(), _caption(info)))
+        )
+    finally:
+        env.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(frame) for frame in frames]
+    images[0].save(out, save_all=True, append_images=images[1:], duration=1000 // env.metadata["render_fps"], loop=0)
+    return {"frames": len(frames), **vars(result)}
+
+
+def _env_config(config_path: Path) -> EnvConfig:
+    try:
+        return EnvConfig(**yaml.safe_load(config_path.read_text())["data"]["env"])
+    except (OSError, KeyError, TypeError) as why:
+        raise ConfigError(f"{config_path}: cannot read data.env from it ({why!r})") from why
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    curve = commands.add_parser("curve", help="learning curve PNG with the two baselines")
+    curve.add_argument("--run", type=Path, required=True, help="the run's log directory (runs/<name>/version_<n>)")
+    curve.add_argument("--out", type=Path, required=True)
+    episode = commands.add_parser("episode", help="GIF of one evaluation episode")
+    episode.add_argument("--config", type=Path, required=True, help="the run's config (its data.env is used)")
+    episode.add_argument("--ckpt", type=Path, required=True, help="a training checkpoint or an exported actor")
+    episode.add_argument("--seed", type=int, required=True)
+    episode.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    try:
+        if args.command == "curve":
+            baselines = plot_learning_curve(args.run, args.out)
+            for name, metrics in baselines.items():
+                print(f"{name}: " + ", ".join(f"{key} {value:.3f}" for key, value in metrics.items()))
+        else:
+            result = record_episode(args.config, args.ckpt, args.seed, args.out)
+            print(", ".join(f"{key} {value}" for key, value in result.items()))
+    except UserError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""A trained agent ships as its actor alone: export, evaluate it through the CLI, refuse it where it cannot serve."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import cli
+from lightning_td3.baselines import RandomPolicy
+from lightning_td3.envs import EnvConfig
+from lightning_td3.errors import CheckpointError, UserError
+from lightning_td3.evaluation import evaluate
+from lightning_td3.export import ACTOR_ONLY_KEY, export_actor
+from lightning_td3.figures import eval_scalars_vs_env_steps, plot_learning_curve, record_episode
+from lightning_td3.td3 import TD3
+from tests.tiny_run import fit
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "agents" / "td3_cpu_scenario0.ckpt"
+SHIPPED_CONFIG = ROOT / "configs" / "experiments" / "cpu_scenario0.yaml"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("trained")
+    fit(run_dir)
+    exported = run_dir / "actor.ckpt"
+    export_actor(run_dir / "checkpoints" / "last.ckpt", exported)
+    return run_dir, exported
+
+
+def test_export_keeps_only_the_actor_in_half_precision(trained):
+    run_dir, exported = trained
+    full = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    shipped = torch.load(exported, weights_only=True)
+    actor = {name: value for name, value in full["state_dict"].items() if name.startswith("actor.")}
+    assert set(shipped["state_dict"]) == set(actor)
+    for name, value in shipped["state_dict"].items():
+        assert value.dtype == torch.float16
+        torch.testing.assert_close(value, actor[name].half(), rtol=0, atol=0)
+    assert shipped[ACTOR_ONLY_KEY]["env_steps"] == full["td3_progress"]["env_steps"]
+    assert exported.stat().st_size < (run_dir / "checkpoints" / "last.ckpt").stat().st_size / 4
+
+
+def test_validate_evaluates_the_exported_actor_with_its_weights(trained):
+    run_dir, exported = trained
+    result = cli.main(["validate", "--config", str(run_dir / "tiny.yaml"), "--ckpt_path", str(exported)])
+    module = result.model
+    shipped = torch.load(exported, weights_only=True)["state_dict"]
+    for name, value in module.actor.state_dict().items():
+        assert torch.equal(value, shipped[f"actor.{name}"].float()), name
+    assert module.actor.head[0].weight.dtype == torch.float32
+    assert "eval/success_rate" in result.trainer.callback_metrics
+
+
+def test_fit_refuses_an_exported_actor_and_keeps_the_file(trained):
+    run_dir, exported = trained
+    before = exported.read_bytes()
+    with pytest.raises(CheckpointError, match="only an actor's weights"):
+        fit(run_dir / "again", "--ckpt_path", str(exported))
+    assert exported.read_bytes() == before
+
+
+def test_a_checkpoint_of_another_shape_names_the_parameter_and_the_settings(trained, tmp_path):
+    run_dir, exported = trained
+    config = yaml.safe_load((run_dir / "tiny.yaml").read_text())
+    config["model"]["init_args"]["hidden_sizes"] = [24]
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(config))
+    # The CLI takes the architecture from the checkpoint itself; a checkpoint that does not say it cannot.
+    stripped = torch.load(exported, weights_only=True)
+    stripped["hyper_parameters"] = {}
+    unlabelled = tmp_path / "unlabelled.ckpt"
+    torch.save(stripped, unlabelled)
+    with pytest.raises(CheckpointError, match=r"shape \(16, 526\), this model \(24, 526\).*'hidden_sizes': \[16\]"):
+        cli.main(["validate", "--config", str(other), "--ckpt_path", str(unlabelled)])
+
+
+def test_export_refuses_a_file_that_is_not_a_td3_checkpoint(tmp_path):
+    baseline = tmp_path / "baseline.ckpt"
+    torch.save({"state_dict": {"eval_metrics.x": torch.zeros(1)}, "pytorch-lightning_version": "2"}, baseline)
+    with pytest.raises(CheckpointError, match="not a TD3 checkpoint"):
+        export_actor(baseline, tmp_path / "out.ckpt")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*garbage.ckpt"):
+        export_actor(garbage, tmp_path / "out.ckpt")
+    assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_the_shipped_agent_is_small_and_drives_on_held_out_seeds():
+    shipped = torch.load(SHIPPED, weights_only=True)
+    assert SHIPPED.stat().st_size < 5 * 2**20
+    assert {value.dtype for value in shipped["state_dict"].values()} == {torch.float16}
+    agent = TD3.load_from_checkpoint(SHIPPED, map_location="cpu")
+    env_config = EnvConfig(**yaml.safe_load(SHIPPED_CONFIG.read_text())["data"]["env"])
+    seeds = [50000, 50001]
+    with torch.no_grad():
+        driven = evaluate(agent.policy(), env_config, seeds)
+    random = evaluate(RandomPolicy(), env_config, seeds)
+    assert driven["eval/route_completion"] > random["eval/route_completion"] + 0.5
+
+
+def test_learning_curve_reads_the_run_and_draws_both_baselines(trained, tmp_path):
+    run_dir, _ = trained
+    log_dir = run_dir / "logs" / "tiny" / "version_0"  # the fit's; later validate runs log beside it
+    curves = eval_scalars_vs_env_steps(log_dir)
+    env_steps = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["td3_progress"]["env_steps"]
+    assert curves["eval/success_rate"][0].tolist() == [env_steps]  # one evaluation, at the end of the one epoch
+    png = tmp_path / "curve.png"
+    baselines = plot_learning_curve(log_dir, png)
+    assert set(baselines) == {"Random", "IDM+MOBIL"}
+    assert Image.open(png).size == (1100, 400)
+    with pytest.raises(UserError, match="eval/success_rate_vs_env_steps"):
+        eval_scalars_vs_env_steps(tmp_path)
+
+
+def test_episode_gif_has_one_frame_per_observation(trained, tmp_path):
+    run_dir, exported = trained
+    gif = tmp_path / "episode.gif"
+    result = record_episode(run_dir / "tiny.yaml", exported, seed=5, out=gif)
+    image = Image.open(gif)
+    assert image.n_frames == result["frames"] == result["episode_length"] + 1
+    first = np.asarray(image.convert("L"))
+    image.seek(image.n_frames - 1)
+    last = np.asarray(image.convert("L"))
+    assert first.shape == last.shape and not np.array_equal(first, last)
+    tiny_env = EnvConfig(**yaml.safe_load((run_dir / "tiny.yaml").read_text())["data"]["env"])
+    assert image.info["duration"] == 1000 // tiny_env.policy_frequency_hz  # plays in real time
