@@ -8,13 +8,20 @@ from pytorch_lightning.cli import LightningCLI
 from datamodules.replay import ReplayDataModule
 from lightning_td3.driving_module import DrivingModule
 from lightning_td3.errors import UserError
+from lightning_td3.fault_tolerance import FaultTolerance
 
 # TD3 pulls its batches itself (exact resume needs sampling at update time); Lightning calls that experimental.
 warnings.filterwarnings("ignore", message=".*`dataloader_iter`.*")
 
 
+class DrivingCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # Always on, configurable under `fault_tolerance:`.
+        parser.add_lightning_class_args(FaultTolerance, "fault_tolerance")
+
+
 def main(args=None) -> LightningCLI:
-    return LightningCLI(
+    return DrivingCLI(
         DrivingModule,
         ReplayDataModule,
         subclass_mode_model=True,

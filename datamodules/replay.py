@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
 from lightning_td3.envs import EnvConfig
-from lightning_td3.errors import require
+from lightning_td3.errors import CheckpointError, require
 from lightning_td3.evaluation import EpisodeSpec
 from lightning_td3.replay import ReplayBuffer
+from lightning_td3.replay_file import load_shard, save_shard, shard_name, shards_of_rank
 from lightning_td3.seeding import stream_rng
 
 
@@ -46,6 +48,9 @@ class ReplayDataModule(pl.LightningDataModule):
         eval_seed: seed of the first evaluation episode; episode i uses eval_seed + i, the same for every policy.
         test_seed: the same for `cli.py test`: held-out seeds, never looked at while tuning on validation.
         pin_memory: page-lock batches for asynchronous host-to-GPU copies (default: when CUDA is available).
+        replay_files_kept: replay files each rank keeps, those of the newest checkpointed states. Replay is saved
+            in its own file per rank (`replay/` next to the checkpoints); a checkpoint whose replay file was pruned
+            still validates and tests, but cannot resume training.
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class ReplayDataModule(pl.LightningDataModule):
         eval_seed: int = 10_000,
         test_seed: int = 20_000,
         pin_memory: bool | None = None,
+        replay_files_kept: int = 1,
     ):
         super().__init__()
         for name, value, minimum in (
@@ -65,6 +71,7 @@ class ReplayDataModule(pl.LightningDataModule):
             ("data.buffer_capacity", buffer_capacity, 2 * num_envs),
             ("data.batch_size", batch_size, 1),
             ("data.eval_episodes", eval_episodes, 1),
+            ("data.replay_files_kept", replay_files_kept, 1),
         ):
             require(isinstance(value, int) and value >= minimum, name, f"an integer >= {minimum}", value)
         self.env = env
@@ -75,8 +82,12 @@ class ReplayDataModule(pl.LightningDataModule):
         self.eval_seed = eval_seed
         self.test_seed = test_seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.replay_files_kept = replay_files_kept
         self.buffer: ReplayBuffer | None = None
         self._sampler_rng: np.random.Generator | None = None
+        self._replay_session = time.strftime("%Y%m%d-%H%M%S-") + f"{time.time_ns() // 1_000_000 % 1000:03d}"
+        self._replay_saves = 0
+        self._saved_replay: tuple | None = None  # (fingerprint, key) of the last shard this rank wrote
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.buffer is None:
@@ -97,19 +108,64 @@ class ReplayDataModule(pl.LightningDataModule):
         specs = [EpisodeSpec(env_config=self.env, seed=first_seed + i) for i in range(self.eval_episodes)]
         return DataLoader(specs, batch_size=None)
 
+    # --- checkpointing: the replay goes to its own file per rank; the checkpoint records which ----------------------
+
     def state_dict(self) -> dict:
+        """Runs on every rank with every checkpoint: writes this rank's replay shard, returns where it lies."""
         if self.buffer is None:
             return {}
-        return {
-            "buffer": arrays_to_tensors(self.buffer.state_dict()),
-            "sampler_rng": self._sampler_rng.bit_generator.state,
-        }
+        rank, world_size = self._rank(), self._world_size()
+        fingerprint = (self.buffer.changes, str(self._sampler_rng.bit_generator.state))
+        # Rank 0 names the shards, so all ranks' files of one checkpoint share a key. Two checkpoints of one state
+        # (an epoch's and last.ckpt) share one file.
+        unchanged = self._saved_replay is not None and self._saved_replay[0] == fingerprint
+        if not unchanged:
+            self._replay_saves += 1
+        key = self.trainer.strategy.broadcast(f"{self._replay_session}-{self._replay_saves:05d}", src=0)
+        directory = self.replay_dir()
+        path = directory / shard_name(key, rank, world_size)
+        if self._saved_replay != (fingerprint, key) or not path.exists():
+            save_shard(path, self.buffer, key, rank, world_size, {"sampler_rng": self._sampler_rng.bit_generator.state})
+            self._saved_replay = (fingerprint, key)
+            for stale in shards_of_rank(directory, rank, world_size)[: -self.replay_files_kept]:
+                stale.unlink(missing_ok=True)
+        return {"replay_file": {"key": key, "world_size": world_size, "directory": str(directory)}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict or self.buffer is None:
             return  # validate/test from a training checkpoint: evaluation needs no replay
-        self.buffer.load_state_dict(tensors_to_arrays(state_dict["buffer"]))
-        self._sampler_rng.bit_generator.state = state_dict["sampler_rng"]
+        record = state_dict.get("replay_file")
+        if record is None:
+            raise CheckpointError("this checkpoint records no replay file; it cannot resume training")
+        rank, world_size = self._rank(), self._world_size()
+        if record["world_size"] != world_size:
+            raise CheckpointError(
+                f"the checkpoint's replay was saved by {record['world_size']} rank(s), this run has {world_size}; "
+                "resume with the same number of devices"
+            )
+        name = shard_name(record["key"], rank, world_size)
+        # Next to the checkpoint first (a run directory may have been moved), else where it was written.
+        candidates = [Path(record["directory"]) / name]
+        if self.trainer is not None and self.trainer.ckpt_path:
+            candidates.insert(0, Path(self.trainer.ckpt_path).parent / "replay" / name)
+        path = next((p for p in candidates if p.exists()), None)
+        if path is None:
+            raise CheckpointError(
+                f"replay file {candidates[-1]} is missing: only the newest data.replay_files_kept="
+                f"{self.replay_files_kept} replay files are kept; older checkpoints validate and test but cannot resume"
+            )
+        extra = load_shard(path, self.buffer, record["key"], rank, world_size)
+        self._sampler_rng.bit_generator.state = extra["sampler_rng"]
+
+    def replay_dir(self) -> Path:
+        """`replay/` beside the checkpoints (the ModelCheckpoint's directory), else under the trainer's root dir."""
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and callback.dirpath:
+            return Path(callback.dirpath) / "replay"
+        return Path(self.trainer.default_root_dir) / "replay"
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0

@@ -44,6 +44,7 @@ class ReplayBuffer:
         self.vector_size = vector_size
         self.action_size = action_size
         self.frame_shape = tuple(frame_shape)
+        self.changes = 0  # counts add and drop_episode calls: tells whether the contents changed since a look
         self._allocate()
 
     def _allocate(self) -> None:
@@ -113,6 +114,7 @@ class ReplayBuffer:
         self._write_slots(envs, next_obs["image"][envs, -1], next_obs["vector"][envs], next_steps)
         episode_over = np.asarray(terminated, bool) | np.asarray(truncated, bool)
         self._episode_open[envs[episode_over[envs]]] = False
+        self.changes += 1
 
     def drop_episode(self, env_index: int) -> None:
         """Close env `env_index`'s open episode without a next_obs, e.g. after its simulator crashed.
@@ -121,6 +123,7 @@ class ReplayBuffer:
         the env's next `add` must start a new episode from a reset observation.
         """
         self._episode_open[env_index] = False
+        self.changes += 1
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """`batch_size` transitions drawn uniformly (with replacement) from all valid ones in all rings."""
@@ -143,11 +146,15 @@ class ReplayBuffer:
         }
 
     def state_dict(self) -> dict:
-        """Everything needed to continue exactly: the written part of the storage, ring heads and open episodes."""
+        """Everything needed to continue exactly: the written part of the storage, ring heads and open episodes.
+
+        The storage entries are views of the live arrays, not copies (a full buffer is gigabytes): save or copy
+        them before the next `add`.
+        """
         filled = self._filled_slots()
         return {
             "config": self._config(),
-            "storage": {name: array[:, :filled].copy() for name, array in self._storage().items()},
+            "storage": {name: array[:, :filled] for name, array in self._storage().items()},
             "heads": self._heads.copy(),
             "written": self._written.copy(),
             "episode_open": self._episode_open.copy(),
@@ -181,6 +188,7 @@ class ReplayBuffer:
         self._written[:] = state["written"]
         self._episode_open[:] = state["episode_open"]
         self._transitions[:] = self._has_next.sum(axis=1)
+        self.changes += 1
 
     def _config(self) -> dict:
         return {

@@ -1,16 +1,37 @@
 """Resume: fit to N, stop, `fit --ckpt_path last` to 2N equals one uninterrupted run to 2N."""
 
+import copy
 import pickle
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 
+from lightning_td3.checkpointing import tensors_to_arrays
 from lightning_td3.envs import DrivingEnv, EnvConfig
-from tests.tiny_run import TINY_ENV, fit
+from lightning_td3.replay import ReplayBuffer
+from lightning_td3.replay_file import load_shard, shard_name
+from tests.tiny_run import TINY_ENV, fit, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def load(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def load_replay(checkpoint: dict) -> tuple[dict, dict]:
+    """The replay contents and the sampler's RNG state that a checkpoint's replay file holds."""
+    record = checkpoint["ReplayDataModule"]["replay_file"]
+    buffer = ReplayBuffer(500, num_envs=2, vector_size=EnvConfig(**TINY_ENV).vector_size)
+    path = Path(record["directory"]) / shard_name(record["key"], 0, 1)
+    extra = load_shard(path, buffer, record["key"], 0, 1)
+    return buffer.state_dict(), extra
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
@@ -30,7 +51,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
         for key, state in expected_opt["state"].items():
             for field, tensor in state.items():
                 assert torch.equal(tensor, resumed_opt["state"][key][field]), f"optimizer state {field} differs"
-    assert_same_tree(expected["ReplayDataModule"], resumed["ReplayDataModule"], "replay")
+    assert_same_tree(load_replay(expected), load_replay(resumed), "replay")
     expected_collector, resumed_collector = expected["callbacks"]["Collector"], resumed["callbacks"]["Collector"]
     assert_same_tree(
         {k: v for k, v in expected_collector.items() if k != "env_states"},
@@ -62,7 +83,74 @@ def assert_same_tree(expected, actual, where: str) -> None:
         assert expected.keys() == actual.keys(), where
         for key in expected:
             assert_same_tree(expected[key], actual[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(expected) == len(actual), where
+        for index, (item, actual_item) in enumerate(zip(expected, actual)):
+            assert_same_tree(item, actual_item, f"{where}[{index}]")
     elif isinstance(expected, torch.Tensor):
         assert torch.equal(expected, actual), f"{where} differs after resume"
+    elif isinstance(expected, np.ndarray):
+        assert np.array_equal(expected, actual), f"{where} differs after resume"
     else:
         assert expected == actual, f"{where} differs after resume"
+
+
+class RestoredState(pl.Callback):
+    """Records what a resumed run starts training from, to compare with the checkpoint it resumed."""
+
+    def on_fit_start(self, trainer, module):
+        # Before Lightning's first batch fetch: creating the DataLoader iterator draws from torch's RNG (in an
+        # uninterrupted run too, at every epoch start).
+        self.rng = (torch.get_rng_state(), np.random.get_state(legacy=False), random.getstate())
+
+    def on_train_start(self, trainer, module):  # optimizers are restored after on_fit_start
+        data = trainer.datamodule
+        collector = next(cb for cb in trainer.callbacks if type(cb).__name__ == "Collector")
+        self.state = {
+            "weights": copy.deepcopy(module.state_dict()),
+            "optimizers": [copy.deepcopy(opt.state_dict()) for opt in trainer.optimizers],
+            "counters": (module.env_steps, module.episodes, module.updates),
+            "rng": self.rng,
+            "collector_rng": collector._rng.bit_generator.state,
+            "sampler_rng": data._sampler_rng.bit_generator.state,
+            "replay": copy.deepcopy(data.buffer.state_dict()),
+        }
+
+
+def test_after_a_sigkill_resume_starts_from_exactly_the_last_checkpoint(tmp_path):
+    """Killed at a random moment after its first checkpoint (maybe mid-write), the run resumes bit for bit."""
+    run_dir = tmp_path / "killed"
+    config = tiny_config(run_dir, **{"trainer.max_epochs": 1000})
+    run = subprocess.Popen([sys.executable, "cli.py", "fit", "--config", str(config)], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.exists():
+        assert run.poll() is None, run.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    delay = random.uniform(0.0, 1.5)
+    time.sleep(delay)
+    run.kill()
+    run.wait()
+
+    checkpoint = load(run_dir)  # what survived the kill must load whole
+    progress = checkpoint["td3_progress"]
+    replay, extra = load_replay(checkpoint)  # before the resumed run's first checkpoint prunes this replay file
+    result = fit(run_dir, "--ckpt_path", "last", "--trainer.callbacks+=tests.test_resume.RestoredState",
+                 **{"trainer.max_epochs": checkpoint["epoch"] + 2})
+    # The CLI imports this module as tests.test_resume, pytest under another name: match the class by name.
+    (restored,) = [cb for cb in result.trainer.callbacks if type(cb).__name__ == "RestoredState"]
+    state, where = restored.state, f"(killed {delay:.2f} s after the first checkpoint)"
+
+    assert state["counters"] == (progress["env_steps"], progress["episodes"], progress["updates"]), where
+    assert_same_tree(checkpoint["state_dict"], dict(state["weights"]), f"weights {where}")
+    for saved, live in zip(checkpoint["optimizer_states"], state["optimizers"]):
+        assert_same_tree(saved["state"], live["state"], f"optimizer {where}")
+    torch_rng, numpy_rng, python_rng = state["rng"]
+    assert torch.equal(torch_rng, progress["rng"]["torch"]), where
+    assert_same_tree(tensors_to_arrays(progress["rng"]["numpy"]), numpy_rng, f"numpy rng {where}")
+    assert python_rng == progress["rng"]["python"], where
+    assert state["collector_rng"] == checkpoint["callbacks"]["Collector"]["rng"], where
+    assert state["sampler_rng"] == extra["sampler_rng"], where
+    assert_same_tree(replay, state["replay"], f"replay {where}")
