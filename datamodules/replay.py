@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_td3.envs import EnvConfig
@@ -41,10 +42,10 @@ class ReplayDataModule(pl.LightningDataModule):
 
     Args:
         env: the driving task, shared by the training envs (stepped by the `Collector` callback) and evaluation.
-        num_envs: parallel training envs; the buffer keeps one ring per env.
-        buffer_capacity: transitions kept in replay (the seed: 1M, about 7.3 KB each).
+        num_envs: parallel training envs (per process under DDP); the buffer keeps one ring per env.
+        buffer_capacity: transitions kept in replay (the seed: 1M, about 7.3 KB each); per process under DDP.
         batch_size: transitions per TD3 update.
-        eval_episodes: episodes per validation run.
+        eval_episodes: episodes per validation run, shared out among the DDP processes (each seed runs once).
         eval_seed: seed of the first evaluation episode; episode i uses eval_seed + i, the same for every policy.
         test_seed: the same for `cli.py test`: held-out seeds, never looked at while tuning on validation.
         pin_memory: page-lock batches for asynchronous host-to-GPU copies (default: when CUDA is available).
@@ -90,6 +91,11 @@ class ReplayDataModule(pl.LightningDataModule):
         self._saved_replay: tuple | None = None  # (fingerprint, key) of the last shard this rank wrote
 
     def setup(self, stage: str) -> None:
+        world_size = self._world_size()
+        require(
+            self.eval_episodes >= world_size, "data.eval_episodes",
+            f">= the number of processes ({world_size}), so that every process evaluates", self.eval_episodes,
+        )
         if stage == "fit" and self.buffer is None:
             self.buffer = ReplayBuffer(self.buffer_capacity, self.num_envs, self.env.vector_size)
             self._sampler_rng = stream_rng("replay_sampler", self._rank())
@@ -106,7 +112,10 @@ class ReplayDataModule(pl.LightningDataModule):
 
     def _episodes(self, first_seed: int) -> DataLoader:
         specs = [EpisodeSpec(env_config=self.env, seed=first_seed + i) for i in range(self.eval_episodes)]
-        return DataLoader(specs, batch_size=None)
+        # Process r runs episodes r, r + world_size, ...: every seed exactly once (Lightning's default
+        # DistributedSampler would repeat some to even out the shares).
+        sampler = UnrepeatedDistributedSampler(specs, num_replicas=self._world_size(), rank=self._rank(), shuffle=False)
+        return DataLoader(specs, batch_size=None, sampler=sampler)
 
     # --- checkpointing: the replay goes to its own file per rank; the checkpoint records which ----------------------
 
@@ -169,3 +178,6 @@ class ReplayDataModule(pl.LightningDataModule):
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1

@@ -4,12 +4,16 @@ Warm-up: uniform random actions until `learning_starts` env steps (done before t
 update it steps the envs with the actor plus Gaussian noise until `updates_per_step` updates per env step hold.
 Time-outs are stored as truncations (the target still bootstraps); only collisions, leaving the road and reaching
 the goal are terminal.
+
+Under DDP every process runs its own Collector: its own envs, replay shard, warm-up and updates-per-step ratio,
+counted in its own env steps; the module sums the counters over the processes when it logs them.
 """
 
 from __future__ import annotations
 
 import pickle
 import time
+from dataclasses import fields
 from functools import partial
 
 import numpy as np
@@ -20,10 +24,11 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
 from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.errors import ConfigError, require
+from lightning_td3.evaluation import EpisodeResult
 from lightning_td3.seeding import stream_rng, stream_seed
 
 WARMUP_REPORT_EVERY = 1000  # env steps between warm-up progress lines
-EPISODE_STATS = ("episode_return", "episode_length", "success", "collision", "route_completion", "avg_speed_kmh")
+EPISODE_INFO = [field.name for field in fields(EpisodeResult)]  # what a finished env's final info must carry
 
 
 def make_vector_env(config: EnvConfig, num_envs: int, asynchronous: bool) -> VectorEnv:
@@ -38,10 +43,10 @@ def make_vector_env(config: EnvConfig, num_envs: int, asynchronous: bool) -> Vec
 class Collector(pl.Callback):
     """Feeds the TD3 learner.
 
-    Args:
+    Args (per process under DDP):
         learning_starts: env steps of uniform random actions before the first update (the seed: 25k).
         exploration_noise: std of the Gaussian noise added to the actor's actions.
-        updates_per_step: TD3 updates per env step after warm-up.
+        updates_per_step: TD3 updates per env step (of this process's envs) after warm-up.
         async_envs: step the envs in subprocesses (one per env) when there are several.
     """
 
@@ -83,7 +88,7 @@ class Collector(pl.Callback):
             self._restored = None
         else:
             self._obs, _ = self.envs.reset(seed=stream_seed("train_envs", trainer.global_rank) % 2**31)
-        self._clock = (time.perf_counter(), module.env_steps)
+        self._clock = (time.perf_counter(), module.run_env_steps)
         while module.env_steps < self.learning_starts:
             self._collect(trainer, module)
             if module.env_steps % WARMUP_REPORT_EVERY < data.num_envs:
@@ -93,7 +98,7 @@ class Collector(pl.Callback):
         while (module.env_steps - self.learning_starts) * self.updates_per_step < module.updates + 1:
             self._collect(trainer, module)
         module.log_dict(
-            {"env_steps": float(module.env_steps), "episodes": float(module.episodes),
+            {"env_steps": float(module.run_env_steps), "episodes": float(module.run_episodes),
              "sps": self._steps_per_second(module), "last_return": self._last_return},
             prog_bar=True, on_step=True, on_epoch=False, batch_size=1,
         )
@@ -123,18 +128,19 @@ class Collector(pl.Callback):
 
     def _record_episodes(self, module, final_info: dict, finished: np.ndarray) -> None:
         for index in finished:
-            stats = {f"train/{name}": float(final_info[name][index]) for name in EPISODE_STATS}
+            result = EpisodeResult.from_info({name: final_info[name][index] for name in EPISODE_INFO})
             module.episodes += 1
-            self._last_return = stats["train/episode_return"]
-            module.log_vs_env_steps(stats)
+            module.train_episode_metrics.update(result)
+            self._last_return = result.episode_return
 
     def _steps_per_second(self, module) -> float:
+        # The run's env steps per second, measured between the module's syncs of the run totals.
         now = time.perf_counter()
         then, steps_then = self._clock
-        if now - then < 1.0:
+        if now - then < 1.0 or module.run_env_steps == steps_then:
             return self._sps
-        self._sps = (module.env_steps - steps_then) / (now - then)
-        self._clock = (now, module.env_steps)
+        self._sps = (module.run_env_steps - steps_then) / (now - then)
+        self._clock = (now, module.run_env_steps)
         return self._sps
 
     # --- checkpointing: Lightning saves callback state_dicts with every checkpoint ---------------------------------

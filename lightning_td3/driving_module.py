@@ -47,7 +47,9 @@ class DrivingModule(pl.LightningModule):
     def _log_evaluation(self) -> dict[str, float]:
         metrics = {name: value.item() for name, value in self.eval_metrics.compute().items()}
         self.eval_metrics.reset()
-        self.log_dict(metrics)
+        # Already reduced over the processes, so every one logs the same values; sync_dist keeps Lightning from
+        # warning that they might differ (their mean is the value itself).
+        self.log_dict(metrics, sync_dist=True)
         return metrics
 
     def _env_for(self, config: EnvConfig) -> DrivingEnv:

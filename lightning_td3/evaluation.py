@@ -75,25 +75,30 @@ def run_episode(
         obs, _, terminated, truncated, info = env.step(policy.act(obs, env))
 
 
-# Metric name -> the EpisodeResult field averaged into it.
+# Metric name (after the prefix) -> the EpisodeResult field averaged into it.
 METRIC_FIELDS = {
-    "eval/success_rate": "success",
-    "eval/collision_rate": "collision",
-    "eval/avg_speed_kmh": "avg_speed_kmh",
-    "eval/episode_return": "episode_return",
-    "eval/episode_length": "episode_length",
-    "eval/route_completion": "route_completion",
+    "success_rate": "success",
+    "collision_rate": "collision",
+    "avg_speed_kmh": "avg_speed_kmh",
+    "episode_return": "episode_return",
+    "episode_length": "episode_length",
+    "route_completion": "route_completion",
 }
 
 
 class EvaluationMetrics(Metric):
-    """Means over episodes of success, collision, speed, return, length and route completion."""
+    """Means over episodes of success, collision, speed, return, length and route completion, and the episode count.
+
+    Args:
+        prefix: put before every metric name: "eval/" for evaluation episodes, "train/" for the collector's.
+    """
 
     full_state_update = False
     higher_is_better = None
 
-    def __init__(self, **kwargs: Any):
+    def __init__(self, prefix: str = "eval/", **kwargs: Any):
         super().__init__(**kwargs)
+        self.prefix = prefix
         for field_name in METRIC_FIELDS.values():
             self.add_state(_sum_state(field_name), torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("episodes", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
@@ -107,10 +112,12 @@ class EvaluationMetrics(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         # With no episodes every mean is 0/0; report NaN rather than a made-up number.
         count = self.episodes.to(torch.float64)
-        return {
-            metric_name: (getattr(self, _sum_state(field_name)) / count).to(torch.float32)
+        means = {
+            self.prefix + metric_name: (getattr(self, _sum_state(field_name)) / count).to(torch.float32)
             for metric_name, field_name in METRIC_FIELDS.items()
         }
+        # The count shows that every episode was counted once, however many processes ran them.
+        return means | {self.prefix + "episodes": count.to(torch.float32)}
 
 
 def _sum_state(field_name: str) -> str:

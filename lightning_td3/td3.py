@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
 from lightning_td3.driving_module import DrivingModule
 from lightning_td3.envs import DrivingEnv
 from lightning_td3.errors import CheckpointError, ConfigError, require
-from lightning_td3.evaluation import Policy
+from lightning_td3.evaluation import EvaluationMetrics, Policy
 from lightning_td3.export import ACTOR_ONLY_KEY
 from lightning_td3.networks import Actor, TwinCritic
 
@@ -95,10 +98,16 @@ class TD3(DrivingModule):
         self.critic = TwinCritic(vector_size=vector_size, hidden_sizes=tuple(hidden_sizes), layer_norm=layer_norm)
         self.actor_target = _frozen_copy(self.actor)
         self.critic_target = _frozen_copy(self.critic)
-        # Progress counters, advanced by the Collector and by training_step, saved with every checkpoint.
+        # This process's progress, advanced by its Collector and by training_step, saved with every checkpoint.
+        # Under DDP every process collects its own env steps and episodes; updates are the same on all of them.
         self.env_steps = 0
         self.episodes = 0
         self.updates = 0
+        # The whole run's env steps and episodes (summed over processes) as of the last time scalars were logged.
+        self.run_env_steps = 0
+        self.run_episodes = 0
+        # The Collector's training episodes finished since they were last logged.
+        self.train_episode_metrics = EvaluationMetrics(prefix="train/")
 
     def setup(self, stage: str) -> None:
         data = getattr(self.trainer, "datamodule", None)
@@ -108,6 +117,8 @@ class TD3(DrivingModule):
                 f"model.init_args.vector_size is {self.hparams.vector_size} but data.env gives vectors of "
                 f"{env.vector_size} (4 + 2 x num_waypoints={env.num_waypoints}); set vector_size: {env.vector_size}"
             )
+        if isinstance(self.trainer.strategy, DDPStrategy):
+            _let_ddp_find_unused_parameters(self.trainer.strategy)
 
     def configure_optimizers(self):
         fused = torch.cuda.is_available()
@@ -136,8 +147,9 @@ class TD3(DrivingModule):
         # Actor (delayed): follow the first critic's gradient, then let the targets trail the online nets.
         actor_loss = actor_grad_norm = None
         if self.updates % hp.policy_delay == 0:
-            actor_loss = -self.critic.q1(image, vector, self.actor(image, vector)).mean()
-            actor_grad_norm = self._step(actor_optimizer, actor_loss, self.actor)
+            with self.toggled_optimizer(actor_optimizer):  # the critic is followed here, not trained: no grads
+                actor_loss = -self.critic.q1(image, vector, self.actor(image, vector)).mean()
+                actor_grad_norm = self._step(actor_optimizer, actor_loss, self.actor)
             _polyak_update(self.actor, self.actor_target, hp.tau)
             _polyak_update(self.critic, self.critic_target, hp.tau)
 
@@ -167,6 +179,8 @@ class TD3(DrivingModule):
             "env_steps": self.env_steps,
             "episodes": self.episodes,
             "updates": self.updates,
+            "run_env_steps": self.run_env_steps,
+            "run_episodes": self.run_episodes,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -189,6 +203,8 @@ class TD3(DrivingModule):
         self.env_steps = progress["env_steps"]
         self.episodes = progress["episodes"]
         self.updates = progress["updates"]
+        self.run_env_steps = progress["run_env_steps"]
+        self.run_episodes = progress["run_episodes"]
         rng = progress["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
@@ -198,6 +214,7 @@ class TD3(DrivingModule):
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._log_evaluation()
+        self._sync_run_totals()
         self.log_vs_env_steps(metrics)
 
     def _load_shipped_actor(self, checkpoint: dict) -> None:
@@ -209,7 +226,7 @@ class TD3(DrivingModule):
             )
         shipped = checkpoint[ACTOR_ONLY_KEY]
         self._check_fits(checkpoint["state_dict"], shipped["hyper_parameters"], part="actor.")
-        self.env_steps = shipped["env_steps"]
+        self.run_env_steps = shipped["env_steps"]  # where its evaluation goes on the env-step axis
         # The critic stays as built; filling it in keeps Lightning's strict loading, which still guards the actor.
         own = self.state_dict()
         checkpoint["state_dict"] = {
@@ -259,6 +276,7 @@ class TD3(DrivingModule):
         return grad_norm
 
     def _log_update(self, critic_loss, actor_loss, q1, critic_grad_norm, actor_grad_norm) -> None:
+        unlogged_episodes = self._sync_run_totals()
         scalars = {
             "train/critic_loss": critic_loss.item(),
             "train/q_mean": q1.mean().item(),
@@ -271,19 +289,43 @@ class TD3(DrivingModule):
             scalars["train/actor_grad_norm"] = actor_grad_norm.item()
         self.log_dict(scalars, batch_size=1)  # the dataloader_iter step flavour makes Lightning ask
         self.log_vs_env_steps(scalars)
+        if unlogged_episodes:
+            self._log_training_episodes()
+
+    def _sync_run_totals(self) -> int:
+        """Sum env steps, episodes and unlogged training episodes over the processes into the run's totals.
+
+        A collective under DDP: every process calls it at the same update. Returns the run's unlogged episodes.
+        """
+        counts = torch.tensor(
+            [self.env_steps, self.episodes, int(self.train_episode_metrics.episodes)], device=self.device
+        )
+        self.run_env_steps, self.run_episodes, unlogged_episodes = self.trainer.strategy.reduce(
+            counts, reduce_op="sum"
+        ).tolist()
+        return unlogged_episodes
+
+    def _log_training_episodes(self) -> None:
+        with warnings.catch_warnings():
+            # A process that finished no episode since the last log still takes part in the reduction.
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+            metrics = {name: value.item() for name, value in self.train_episode_metrics.compute().items()}
+        self.train_episode_metrics.reset()
+        self.log_vs_env_steps(metrics)
 
     def log_vs_env_steps(self, scalars: dict[str, float]) -> None:
-        # Logged against env steps too: global_step counts optimizer steps, which mean little to an RL reader.
+        # Logged against the run's env steps too: global_step counts optimizer steps, which mean little to an RL
+        # reader. The x value is the total at the last sync of the counters (every `log_every_n_updates`).
         experiment = self._tensorboard()
         if experiment is not None:
             for name, value in scalars.items():
-                experiment.add_scalar(f"{name}_vs_env_steps", value, self.env_steps)
+                experiment.add_scalar(f"{name}_vs_env_steps", value, self.run_env_steps)
 
     def _log_visuals(self, image: torch.Tensor) -> None:
         experiment = self._tensorboard()
         if experiment is None:
             return
-        step = self.env_steps
+        step = self.run_env_steps
         # The four stacked frames of one sample, side by side, as the CNNs see them.
         experiment.add_image("obs/camera_stack", torch.cat(list(image[0]), dim=1).unsqueeze(0), step)
         for name, network in (("actor", self.actor), ("critic", self.critic)):
@@ -316,6 +358,25 @@ class _ActorPolicy:
     def act(self, observation: dict[str, np.ndarray], env: DrivingEnv) -> np.ndarray:
         batched = {key: value[None] for key, value in observation.items()}
         return self.module.act(batched)[0]
+
+
+def _let_ddp_find_unused_parameters(strategy: DDPStrategy) -> None:
+    """Tell DDP that a backward pass may leave parameters without gradients, as each of TD3's does.
+
+    The critic loss never reaches the actor, and the actor loss (under `toggled_optimizer`) leaves the critic
+    alone. Unless DDP looks for unused parameters it waits for their gradients forever; this is Lightning's own
+    remedy for manual optimization with several optimizers (`ddp_find_unused_parameters_true`), applied here so
+    `strategy: ddp` works. A static graph does not fit: the set of parameters alternates between passes.
+    """
+    # Read by the strategy when it wraps the module, which happens after the setup hooks.
+    ddp_kwargs = strategy._ddp_kwargs
+    require(
+        not ddp_kwargs.get("static_graph", False),
+        "trainer.strategy.init_args.static_graph", "false (TD3's backward passes use different parameters)", True,
+    )
+    if not ddp_kwargs.get("find_unused_parameters", False):
+        rank_zero_info("DDP: find_unused_parameters=True, since each TD3 backward pass updates one network only")
+        ddp_kwargs["find_unused_parameters"] = True
 
 
 def _frozen_copy(network: torch.nn.Module) -> torch.nn.Module:

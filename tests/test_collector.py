@@ -8,6 +8,7 @@ import pytest
 from lightning_td3.collector import Collector, make_vector_env
 from lightning_td3.envs import EnvConfig
 from lightning_td3.errors import ConfigError
+from lightning_td3.evaluation import EvaluationMetrics
 from lightning_td3.replay import ReplayBuffer
 
 
@@ -23,17 +24,14 @@ class RecordingBuffer(ReplayBuffer):
 
 
 class RecordingModule:
-    """Only what the collector touches on the TD3 module: counters, acting and env-step logging."""
+    """Only what the collector touches on the TD3 module: counters, acting and the training episode metrics."""
 
     def __init__(self):
         self.env_steps = self.episodes = self.updates = 0
-        self.logged = []
+        self.train_episode_metrics = EvaluationMetrics(prefix="train/")
 
     def act(self, observation):
         return np.zeros((len(observation["vector"]), 2), np.float32)
-
-    def log_vs_env_steps(self, scalars):
-        self.logged.append(scalars)
 
 
 def _copy(value):
@@ -70,8 +68,7 @@ def test_final_observations_go_to_the_buffer_and_episodes_are_counted():
     assert any(call["truncated"].any() for call in buffer.calls), "time-outs expected with max_steps=6"
     assert not any((call["terminated"] & call["truncated"]).any() for call in buffer.calls)
     assert module.env_steps == 40
-    assert module.episodes == dones == len(module.logged) > 0
-    assert {"train/episode_return", "train/success", "train/route_completion"} <= set(module.logged[0])
+    assert module.episodes == dones == module.train_episode_metrics.compute()["train/episodes"] > 0
     assert len(buffer) == 40  # every transition is sampleable, episode ends included
 
 

@@ -23,6 +23,7 @@ METRIC_KEYS = {
     "eval/episode_return",
     "eval/episode_length",
     "eval/route_completion",
+    "eval/episodes",
 }
 
 
@@ -52,6 +53,13 @@ def test_metrics_are_means_over_episodes():
     assert values["eval/episode_return"] == pytest.approx(70 / 3)
     assert values["eval/episode_length"] == pytest.approx(380 / 3)
     assert values["eval/route_completion"] == pytest.approx(1.9 / 3)
+    assert values["eval/episodes"] == 3
+
+
+def test_the_prefix_names_training_episode_metrics():
+    metrics = EvaluationMetrics(prefix="train/")
+    metrics.update(CRASH)
+    assert set(_values(metrics)) == {key.replace("eval/", "train/") for key in METRIC_KEYS}
 
 
 def test_metrics_merge_like_ddp_gives_the_mean_over_all_ranks_episodes():
@@ -66,6 +74,7 @@ def test_metrics_merge_like_ddp_gives_the_mean_over_all_ranks_episodes():
     assert values["eval/collision_rate"] == pytest.approx(0.5)
     assert values["eval/avg_speed_kmh"] == pytest.approx((90 + 60 + 60 + 30) / 4)
     assert values["eval/episode_length"] == pytest.approx((60 + 20 + 20 + 300) / 4)
+    assert values["eval/episodes"] == 4
 
 
 def test_metrics_reset_forgets_episodes():
@@ -121,5 +130,6 @@ def test_evaluate_returns_float_metrics_for_episode_specs():
 def test_empty_metrics_report_nan_not_a_made_up_number():
     with pytest.warns(UserWarning):  # torchmetrics warns that compute ran before any update
         values = EvaluationMetrics().compute()
+    assert values.pop("eval/episodes") == 0
     assert all(torch.isnan(value) for value in values.values())
     assert np.isnan(values["eval/success_rate"].item())

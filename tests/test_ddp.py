@@ -1,0 +1,98 @@
+"""Lightning DDP on CPU: two processes (gloo) run the real CLI on a tiny config and must act as one run."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.rank_snapshot import RankSnapshot
+from tests.tiny_run import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLD_SIZE = 2
+EVAL_EPISODES = 3  # not a multiple of the world size: a padding sampler would run one seed twice
+EVAL_SEED = 500
+
+
+def ddp_config(run_dir: Path, **overrides) -> Path:
+    path = tiny_config(
+        run_dir,
+        **{"trainer.strategy": "ddp", "trainer.accelerator": "cpu", "trainer.devices": WORLD_SIZE,
+           "data.eval_episodes": EVAL_EPISODES, "data.eval_seed": EVAL_SEED} | overrides,
+    )
+    config = yaml.safe_load(path.read_text())
+    config["trainer"]["callbacks"].append(
+        {"class_path": f"{RankSnapshot.__module__}.RankSnapshot", "init_args": {"dirpath": str(run_dir / "ranks")}}
+    )
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    # Through a real process: Lightning's DDP launcher starts the other rank by re-running this command line.
+    return subprocess.run(
+        [sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ddp")
+    completed = run_cli("fit", "--config", str(ddp_config(run_dir)))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    ranks = [torch.load(run_dir / "ranks" / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    return run_dir, ranks
+
+
+def test_both_processes_hold_the_same_weights_and_they_were_trained(ddp_run):
+    _, (rank0, rank1) = ddp_run
+    assert rank0["world_size"] == rank1["world_size"] == WORLD_SIZE
+    assert rank0["updates"] == rank1["updates"] == 6
+    for name in rank0["final"]:
+        assert torch.equal(rank0["initial"][name], rank1["initial"][name]), name
+        assert torch.equal(rank0["final"][name], rank1["final"][name]), name
+    # Actor (updated every policy_delay) and critic both moved; so did their Polyak targets.
+    for network in ("actor.", "critic.", "actor_target.", "critic_target."):
+        assert any(
+            not torch.equal(rank0["initial"][name], rank0["final"][name])
+            for name in rank0["final"] if name.startswith(network)
+        ), network
+
+
+def test_each_process_collects_into_its_own_replay_shard(ddp_run):
+    _, (rank0, rank1) = ddp_run
+    for rank in (rank0, rank1):  # each its own warm-up (30) and one env step per update, two envs at a time
+        assert 0 <= rank["env_steps"] - 30 - rank["updates"] < 2
+    assert not torch.equal(rank0["replay_sample"], rank1["replay_sample"])
+
+
+def test_counters_are_the_runs_totals_over_both_processes(ddp_run):
+    run_dir, (rank0, rank1) = ddp_run
+    assert rank0["run_env_steps"] == rank1["run_env_steps"] == rank0["env_steps"] + rank1["env_steps"]
+    assert rank0["run_episodes"] == rank1["run_episodes"] == rank0["episodes"] + rank1["episodes"] > 0
+    (event_dir,) = {path.parent for path in (run_dir / "logs").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(event_dir)).Reload()
+    # TensorBoard's env-step axis is the run's: the evaluation after the last update sits at the total.
+    (evaluation,) = events.Scalars("eval/success_rate_vs_env_steps")
+    assert evaluation.step == rank0["run_env_steps"]
+    train_episodes = sum(event.value for event in events.Scalars("train/episodes_vs_env_steps"))
+    assert train_episodes == rank0["run_episodes"]  # every training episode of both processes, logged once
+
+
+def test_evaluation_runs_every_seed_once_split_over_the_processes(ddp_run):
+    run_dir, (rank0, rank1) = ddp_run
+    assert set(rank0["eval_seeds"]).isdisjoint(rank1["eval_seeds"])
+    assert sorted(rank0["eval_seeds"] + rank1["eval_seeds"]) == list(range(EVAL_SEED, EVAL_SEED + EVAL_EPISODES))
+    (event_dir,) = {path.parent for path in (run_dir / "logs").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(event_dir)).Reload()
+    assert [event.value for event in events.Scalars("eval/episodes")] == [EVAL_EPISODES]
+
+
+def test_fewer_evaluation_episodes_than_processes_is_rejected(tmp_path):
+    completed = run_cli("fit", "--config", str(ddp_config(tmp_path, **{"data.eval_episodes": 1})))
+    assert completed.returncode == 1
+    assert "error: data.eval_episodes must be >= the number of processes (2)" in completed.stderr
