@@ -13,6 +13,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_td3.envs import EnvConfig
+from lightning_td3.envs.carla_servers import training_env_configs
 from lightning_td3.errors import CheckpointError, require
 from lightning_td3.evaluation import EpisodeSpec
 from lightning_td3.replay import ReplayBuffer
@@ -84,6 +85,8 @@ class ReplayDataModule(pl.LightningDataModule):
         self.test_seed = test_seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.replay_files_kept = replay_files_kept
+        # This process's training envs (CARLA: its slice of env.carla.servers that answered), set up by `setup`.
+        self.env_configs: list[EnvConfig] | None = None
         self.buffer: ReplayBuffer | None = None
         self._sampler_rng: np.random.Generator | None = None
         self._replay_session = time.strftime("%Y%m%d-%H%M%S-") + f"{time.time_ns() // 1_000_000 % 1000:03d}"
@@ -96,8 +99,10 @@ class ReplayDataModule(pl.LightningDataModule):
             self.eval_episodes >= world_size, "data.eval_episodes",
             f">= the number of processes ({world_size}), so that every process evaluates", self.eval_episodes,
         )
+        if self.env_configs is None:
+            self.env_configs = training_env_configs(self.env, self.num_envs, self._rank(), world_size)
         if stage == "fit" and self.buffer is None:
-            self.buffer = ReplayBuffer(self.buffer_capacity, self.num_envs, self.env.vector_size)
+            self.buffer = ReplayBuffer(self.buffer_capacity, len(self.env_configs), self.env.vector_size)
             self._sampler_rng = stream_rng("replay_sampler", self._rank())
 
     def train_dataloader(self) -> DataLoader:
@@ -111,7 +116,8 @@ class ReplayDataModule(pl.LightningDataModule):
         return self._episodes(self.test_seed)
 
     def _episodes(self, first_seed: int) -> DataLoader:
-        specs = [EpisodeSpec(env_config=self.env, seed=first_seed + i) for i in range(self.eval_episodes)]
+        # Evaluated on this process's first training server (CARLA); the same task, so the same seeds either way.
+        specs = [EpisodeSpec(env_config=self.env_configs[0], seed=first_seed + i) for i in range(self.eval_episodes)]
         # Process r runs episodes r, r + world_size, ...: every seed exactly once (Lightning's default
         # DistributedSampler would repeat some to even out the shares).
         sampler = UnrepeatedDistributedSampler(specs, num_replicas=self._world_size(), rank=self._rank(), shuffle=False)
@@ -178,6 +184,3 @@ class ReplayDataModule(pl.LightningDataModule):
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
-
-    def _world_size(self) -> int:
-        return self.trainer.world_size if self.trainer is not None else 1

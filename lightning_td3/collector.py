@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections.abc import Sequence
 from dataclasses import fields
 from functools import partial
 
@@ -31,11 +32,12 @@ WARMUP_REPORT_EVERY = 1000  # env steps between warm-up progress lines
 EPISODE_INFO = [field.name for field in fields(EpisodeResult)]  # what a finished env's final info must carry
 
 
-def make_vector_env(config: EnvConfig, num_envs: int, asynchronous: bool) -> VectorEnv:
-    env_fns = [partial(DrivingEnv, config) for _ in range(num_envs)]
+def make_vector_env(configs: Sequence[EnvConfig], asynchronous: bool) -> VectorEnv:
+    """One env per config (configs differ only in the CARLA server they use)."""
+    env_fns = [partial(DrivingEnv, config) for config in configs]
     # SAME_STEP: a finished env resets inside the same step and hands its final observation back in `info`,
     # so every returned observation is one the policy acts on.
-    if asynchronous and num_envs > 1:
+    if asynchronous and len(env_fns) > 1:
         return AsyncVectorEnv(env_fns, context="spawn", autoreset_mode=AutoresetMode.SAME_STEP)
     return SyncVectorEnv(env_fns, autoreset_mode=AutoresetMode.SAME_STEP)
 
@@ -81,7 +83,7 @@ class Collector(pl.Callback):
         data = trainer.datamodule
         if data is None or getattr(data, "buffer", None) is None:
             raise ConfigError("the Collector needs data: datamodules.replay.ReplayDataModule (it holds the replay)")
-        self.envs = make_vector_env(data.env, data.num_envs, self.async_envs)
+        self.envs = make_vector_env(data.env_configs, self.async_envs)
         self._rng = stream_rng("exploration", trainer.global_rank)
         if self._restored is not None:
             self._resume(self._restored, data.buffer, trainer.global_rank)
@@ -91,7 +93,7 @@ class Collector(pl.Callback):
         self._clock = (time.perf_counter(), module.run_env_steps)
         while module.env_steps < self.learning_starts:
             self._collect(trainer, module)
-            if module.env_steps % WARMUP_REPORT_EVERY < data.num_envs:
+            if module.env_steps % WARMUP_REPORT_EVERY < self.envs.num_envs:
                 rank_zero_info(f"warm-up: {module.env_steps}/{self.learning_starts} random env steps")
 
     def on_train_batch_start(self, trainer: pl.Trainer, module, batch, batch_idx: int) -> None:

@@ -45,7 +45,7 @@ def test_final_observations_go_to_the_buffer_and_episodes_are_counted():
     buffer = RecordingBuffer(400, num_envs=2, vector_size=config.vector_size)
     trainer = SimpleNamespace(datamodule=SimpleNamespace(buffer=buffer), global_rank=0)
     module = RecordingModule()
-    collector.envs = make_vector_env(config, 2, asynchronous=False)
+    collector.envs = make_vector_env([config] * 2, asynchronous=False)
     collector._rng = np.random.default_rng(0)
     collector._obs, _ = collector.envs.reset(seed=3)
 

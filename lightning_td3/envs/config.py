@@ -34,9 +34,31 @@ class RewardConfig:
             require(isinstance(value, (int, float)) and value >= 0, f"env.reward.{name}", "a number >= 0", value)
 
 
+@dataclass(frozen=True)
+class CarlaServer:
+    """One CARLA server and the Traffic Manager port its client uses."""
+
+    host: str
+    port: int
+    tm_port: int
+
+
+SERVER_FORMAT = "'host:port' or 'host:port:tm_port' with ports in 1..65535"
+
+
+def _is_port(value: object) -> bool:
+    return isinstance(value, int) and 0 < value < 65536
+
+
 @dataclass
 class CarlaConfig:
-    """How to reach a CARLA 0.9.16 server and what to load there."""
+    """How to reach CARLA 0.9.16 servers and what to load there.
+
+    `servers` spreads the training envs over many servers: one "host:port[:tm_port]" entry per env of the whole
+    run; process r of a DDP run takes entries r * num_envs to (r + 1) * num_envs - 1. Without a tm_port an entry
+    uses `tm_port` plus its index: the Traffic Manager runs in the client, so the envs of one machine need
+    distinct ports. Empty: every env uses `host`, `port` and `tm_port`.
+    """
 
     host: str = "localhost"
     port: int = 2000
@@ -46,12 +68,13 @@ class CarlaConfig:
     # NPC vehicles per scenario 0/1/2.
     npc_vehicles: tuple[int, int, int] = (20, 50, 100)
     camera_fov_deg: float = 90.0
+    servers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         require(isinstance(self.host, str) and bool(self.host), "env.carla.host", "a non-empty host name", self.host)
         for name in ("port", "tm_port"):
             value = getattr(self, name)
-            require(isinstance(value, int) and 0 < value < 65536, f"env.carla.{name}", "a port in 1..65535", value)
+            require(_is_port(value), f"env.carla.{name}", "a port in 1..65535", value)
         require(self.timeout_s > 0, "env.carla.timeout_s", "> 0 seconds", self.timeout_s)
         self.npc_vehicles = tuple(self.npc_vehicles)
         require(
@@ -60,6 +83,33 @@ class CarlaConfig:
             "three counts >= 0 for scenarios 0/1/2",
             self.npc_vehicles,
         )
+        self.servers = tuple(self.servers)
+        self.server_list()  # validates every entry now, before any work
+
+    def server_list(self) -> list[CarlaServer]:
+        """The parsed `servers` entries; an error names the first bad one."""
+        parsed: list[CarlaServer] = []
+        for index, entry in enumerate(self.servers):
+            name = f"env.carla.servers[{index}]"
+            parts = entry.split(":") if isinstance(entry, str) else []
+            ports = [int(part) if part.isdecimal() else None for part in parts[1:]]
+            require(
+                len(parts) in (2, 3) and bool(parts[0]) and all(_is_port(port) for port in ports),
+                name, SERVER_FORMAT, entry,
+            )
+            server = CarlaServer(parts[0], ports[0], ports[1] if len(ports) == 2 else self.tm_port + index)
+            for other_index, other in enumerate(parsed):
+                require(
+                    (server.host, server.port) != (other.host, other.port), name,
+                    f"an entry naming a server no other entry names (servers[{other_index}] does)", entry,
+                )
+                require(
+                    server.tm_port != other.tm_port, name,
+                    f"an entry whose Traffic Manager port {server.tm_port} no other entry uses "
+                    f"(servers[{other_index}] does)", entry,
+                )
+            parsed.append(server)
+        return parsed
 
 
 @dataclass

@@ -1,0 +1,141 @@
+"""Training over many CARLA servers without a CARLA server: the list's format, each process's slice, and dead
+servers dropped. Only the server side is a test double (`FakeCarlaServers`); parsing, slicing, the connection
+check (`carla_backend.connect`) and the datamodule are the real code."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from datamodules.replay import ReplayDataModule
+from lightning_td3.envs import CarlaConfig, EnvConfig, carla_backend
+from lightning_td3.envs.carla_backend import CarlaConnectionError
+from lightning_td3.envs.carla_servers import answering_servers, process_servers, training_env_configs
+from lightning_td3.envs.config import CarlaServer
+from lightning_td3.errors import ConfigError
+
+SERVERS = ["sim-a:2000", "sim-a:2002", "sim-b:2000:9100", "sim-c:2000"]
+
+
+class FakeCarlaServers:
+    """Server-side test double: the addresses where a CARLA server answers. A client of any other address fails
+    the version query the way the real client does when nothing answers."""
+
+    def __init__(self, answering: set[tuple[str, int]]):
+        self.answering = answering
+        self.asked: list[tuple[str, int]] = []
+
+    def client(self, host: str, port: int) -> "FakeCarlaServers.Client":
+        return FakeCarlaServers.Client(self, host, port)
+
+    class Client:
+        def __init__(self, servers: "FakeCarlaServers", host: str, port: int):
+            self.servers, self.address = servers, (host, port)
+
+        def set_timeout(self, seconds: float) -> None:
+            pass
+
+        def get_server_version(self) -> str:
+            self.servers.asked.append(self.address)
+            if self.address not in self.servers.answering:
+                raise RuntimeError(f"time-out of 500ms while waiting for the simulator, make sure the simulator is "
+                                   f"ready and connected to {self.address[0]}:{self.address[1]}")
+            return "0.9.16"
+
+
+@pytest.fixture
+def fake_servers(monkeypatch):
+    def install(*answering: tuple[str, int]) -> FakeCarlaServers:
+        servers = FakeCarlaServers(set(answering))
+        monkeypatch.setattr(carla_backend.carla, "Client", servers.client)
+        return servers
+
+    return install
+
+
+def carla_env(servers=SERVERS) -> EnvConfig:
+    return EnvConfig(backend="carla", num_waypoints=5, carla={"servers": servers, "timeout_s": 0.5})
+
+
+# ------------------------------------------------------------------------------------------------- the list
+
+
+def test_entries_parse_and_an_omitted_tm_port_is_distinct_per_entry():
+    assert CarlaConfig(servers=SERVERS, tm_port=8000).server_list() == [
+        CarlaServer("sim-a", 2000, 8000),
+        CarlaServer("sim-a", 2002, 8001),
+        CarlaServer("sim-b", 2000, 9100),
+        CarlaServer("sim-c", 2000, 8003),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entries", "name", "allowed"),
+    [
+        (["sim-a:2000", "sim-b"], r"env\.carla\.servers\[1\]", "'host:port' or 'host:port:tm_port'"),
+        (["sim-a:two"], r"env\.carla\.servers\[0\]", "'host:port' or 'host:port:tm_port'"),
+        (["sim-a:2000:70000"], r"env\.carla\.servers\[0\]", "ports in 1..65535"),
+        ([":2000"], r"env\.carla\.servers\[0\]", "'host:port'"),
+        (["sim-a:2000:8000:1"], r"env\.carla\.servers\[0\]", "'host:port'"),
+        (["sim-a:2000", "sim-b:2000", "sim-a:2000"], r"env\.carla\.servers\[2\]", r"servers\[0\] does"),
+        (["sim-a:2000:8001", "sim-b:2000"], r"env\.carla\.servers\[1\]", r"port 8001 .*servers\[0\] does"),
+    ],
+)
+def test_a_bad_entry_is_rejected_naming_it(entries, name, allowed):
+    with pytest.raises(ConfigError, match=f"{name} must be .*{allowed}"):
+        EnvConfig(backend="carla", carla={"servers": entries})
+
+
+def test_each_process_takes_its_slice_of_num_envs_entries():
+    config = CarlaConfig(servers=SERVERS)
+    assert [s.host for s in process_servers(config, num_envs=2, rank=0, world_size=2)] == ["sim-a", "sim-a"]
+    assert [(s.host, s.port) for s in process_servers(config, num_envs=2, rank=1, world_size=2)] == [
+        ("sim-b", 2000), ("sim-c", 2000)
+    ]
+    assert [s.host for s in process_servers(config, num_envs=1, rank=3, world_size=4)] == ["sim-c"]
+
+
+def test_a_list_that_does_not_give_one_server_per_env_is_rejected():
+    with pytest.raises(ConfigError, match=r"env\.carla\.servers must be 6 entries, one per training env "
+                                          r"\(data\.num_envs=3 x 2 processes\); got '4 entries'"):
+        process_servers(CarlaConfig(servers=SERVERS), num_envs=3, rank=0, world_size=2)
+
+
+# ------------------------------------------------------------------------------------------- dead servers
+
+
+def test_a_dead_server_is_dropped_with_a_warning_and_the_others_kept_in_order(fake_servers):
+    servers = fake_servers(("sim-a", 2000), ("sim-b", 2000), ("sim-c", 2000))
+    config = CarlaConfig(servers=SERVERS, timeout_s=0.5)
+    with pytest.warns(UserWarning, match="CARLA server sim-a:2002 is left out of training") as caught:
+        live = answering_servers(config.server_list(), config)
+    assert len(caught) == 1
+    assert [(s.host, s.port, s.tm_port) for s in live] == [("sim-a", 2000, 8000), ("sim-b", 2000, 9100),
+                                                           ("sim-c", 2000, 8003)]
+    assert sorted(servers.asked) == sorted((s.host, s.port) for s in config.server_list())
+
+
+def test_no_answering_server_is_one_error_naming_them_all(fake_servers):
+    fake_servers(("sim-a", 2000))  # answers, but is not in this process's slice
+    config = CarlaConfig(servers=SERVERS, timeout_s=0.5)
+    with pytest.warns(UserWarning), pytest.raises(CarlaConnectionError) as raised:
+        answering_servers(process_servers(config, num_envs=2, rank=1, world_size=2), config)
+    assert "sim-b:2000, sim-c:2000" in str(raised.value) and "env.carla.servers" in str(raised.value)
+
+
+def test_the_datamodule_builds_this_process_envs_and_replay_from_its_live_servers(fake_servers):
+    fake_servers(("sim-a", 2000), ("sim-a", 2002), ("sim-c", 2000))  # sim-b (process 1's first) is dead
+    data = ReplayDataModule(env=carla_env(), num_envs=2, buffer_capacity=100, eval_episodes=2)
+    data.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    with pytest.warns(UserWarning, match="sim-b:2000"):
+        data.setup("fit")
+    assert [(c.carla.host, c.carla.port, c.carla.tm_port, c.carla.servers) for c in data.env_configs] == [
+        ("sim-c", 2000, 8003, ())
+    ]
+    assert data.buffer.num_envs == 1  # one replay ring per env this process runs
+    (spec,) = list(data.val_dataloader())  # process 1 of 2 runs the second of the two episodes
+    assert spec.env_config.carla.host == "sim-c" and spec.seed == data.eval_seed + 1
+
+
+def test_without_a_server_list_every_env_uses_the_one_config():
+    env = EnvConfig(num_waypoints=5)
+    assert training_env_configs(env, num_envs=3, rank=1, world_size=2) == [env, env, env]
