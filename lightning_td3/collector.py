@@ -26,6 +26,7 @@ from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
 from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.errors import ConfigError, require
 from lightning_td3.evaluation import EpisodeResult
+from lightning_td3.per_process import gather_per_process, own_state
 from lightning_td3.seeding import stream_rng, stream_seed
 
 WARMUP_REPORT_EVERY = 1000  # env steps between warm-up progress lines
@@ -72,7 +73,7 @@ class Collector(pl.Callback):
         self.envs: VectorEnv | None = None
         self._obs: dict[str, np.ndarray] | None = None
         self._rng: np.random.Generator | None = None
-        self._restored: dict | None = None
+        self._restored: list[dict] | None = None  # every process's saved state, until on_fit_start
         self._last_return = 0.0
         self._clock = (0.0, 0)  # (time, env_steps) at the last speed measurement
         self._sps = 0.0
@@ -86,7 +87,7 @@ class Collector(pl.Callback):
         self.envs = make_vector_env(data.env_configs, self.async_envs)
         self._rng = stream_rng("exploration", trainer.global_rank)
         if self._restored is not None:
-            self._resume(self._restored, data.buffer, trainer.global_rank)
+            self._resume(own_state(trainer, self._restored, "the training envs"), data.buffer, trainer.global_rank)
             self._restored = None
         else:
             self._obs, _ = self.envs.reset(seed=stream_seed("train_envs", trainer.global_rank) % 2**31)
@@ -148,8 +149,12 @@ class Collector(pl.Callback):
     # --- checkpointing: Lightning saves callback state_dicts with every checkpoint ---------------------------------
 
     def state_dict(self) -> dict:
+        """Every process's envs, observations and noise RNG (each process its own), in rank order."""
         if self.envs is None:
             return {}
+        return {"per_process": gather_per_process(self._own_state())}
+
+    def _own_state(self) -> dict:
         try:
             # Pickled: simulator objects are not tensors, and bytes pass Lightning's weights_only loading.
             env_states = pickle.dumps(list(self.envs.get_attr("simulator_state")))
@@ -165,7 +170,7 @@ class Collector(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         # Envs do not exist yet at restore time; they are built and put back in on_fit_start.
-        self._restored = state_dict or None
+        self._restored = state_dict["per_process"] if state_dict else None
 
     def _resume(self, state: dict, buffer, rank: int) -> None:
         self._rng.bit_generator.state = state["rng"]

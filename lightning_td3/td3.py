@@ -27,6 +27,7 @@ from lightning_td3.errors import CheckpointError, ConfigError, require
 from lightning_td3.evaluation import EvaluationMetrics, Policy
 from lightning_td3.export import ACTOR_ONLY_KEY
 from lightning_td3.networks import Actor, TwinCritic
+from lightning_td3.per_process import gather_per_process, own_state
 
 CHECKPOINT_KEY = "td3_progress"
 ARCHITECTURE_HPARAMS = ("vector_size", "hidden_sizes", "layer_norm")  # what decides the weights' shapes
@@ -175,12 +176,14 @@ class TD3(DrivingModule):
     # --- checkpoint: what Lightning does not save itself --------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # (env steps, episodes) of every process; the run's totals are their sums.
+        per_process = gather_per_process((self.env_steps, self.episodes))
         checkpoint[CHECKPOINT_KEY] = {
-            "env_steps": self.env_steps,
-            "episodes": self.episodes,
+            "env_steps": sum(env_steps for env_steps, _ in per_process),
+            "episodes": sum(episodes for _, episodes in per_process),
+            "per_process": per_process,
             "updates": self.updates,
-            "run_env_steps": self.run_env_steps,
-            "run_episodes": self.run_episodes,
+            # The same on every process: seeded alike and drawn from alike (the target smoothing noise).
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -200,11 +203,11 @@ class TD3(DrivingModule):
                 "lightning_td3.td3.TD3 (nor by `python -m lightning_td3.export`)"
             )
         self._check_fits(checkpoint["state_dict"], checkpoint.get("hyper_parameters", {}))
-        self.env_steps = progress["env_steps"]
-        self.episodes = progress["episodes"]
+        self.run_env_steps = progress["env_steps"]
+        self.run_episodes = progress["episodes"]
         self.updates = progress["updates"]
-        self.run_env_steps = progress["run_env_steps"]
-        self.run_episodes = progress["run_episodes"]
+        if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:  # evaluation needs no more
+            self.env_steps, self.episodes = own_state(self.trainer, progress["per_process"], "the counters")
         rng = progress["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
@@ -214,7 +217,8 @@ class TD3(DrivingModule):
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._log_evaluation()
-        self._sync_run_totals()
+        if self._sync_run_totals():
+            self._log_training_episodes()  # those since the last update log, so every one is logged before a stop
         self.log_vs_env_steps(metrics)
 
     def _load_shipped_actor(self, checkpoint: dict) -> None:

@@ -16,12 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 WORLD_SIZE = 2
 EVAL_EPISODES = 3  # not a multiple of the world size: a padding sampler would run one seed twice
 EVAL_SEED = 500
+UPDATES_PER_EPOCH = 3  # two epochs, each followed by an evaluation
 
 
 def ddp_config(run_dir: Path, **overrides) -> Path:
     path = tiny_config(
         run_dir,
         **{"trainer.strategy": "ddp", "trainer.accelerator": "cpu", "trainer.devices": WORLD_SIZE,
+           "trainer.max_epochs": 2, "trainer.limit_train_batches": UPDATES_PER_EPOCH,
            "data.eval_episodes": EVAL_EPISODES, "data.eval_seed": EVAL_SEED} | overrides,
     )
     config = yaml.safe_load(path.read_text())
@@ -35,8 +37,17 @@ def ddp_config(run_dir: Path, **overrides) -> Path:
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     # Through a real process: Lightning's DDP launcher starts the other rank by re-running this command line.
     return subprocess.run(
-        [sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=240
+        [sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=240, check=False
     )
+
+
+def load_ranks(run_dir: Path) -> list[dict]:
+    return [torch.load(run_dir / "ranks" / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+
+
+def tensorboard_events(run_dir: Path) -> EventAccumulator:
+    (event_dir,) = {path.parent for path in (run_dir / "logs").rglob("events.out.tfevents.*")}
+    return EventAccumulator(str(event_dir)).Reload()
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +55,13 @@ def ddp_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp")
     completed = run_cli("fit", "--config", str(ddp_config(run_dir)))
     assert completed.returncode == 0, completed.stderr[-3000:]
-    ranks = [torch.load(run_dir / "ranks" / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
-    return run_dir, ranks
+    return run_dir, load_ranks(run_dir)
 
 
 def test_both_processes_hold_the_same_weights_and_they_were_trained(ddp_run):
     _, (rank0, rank1) = ddp_run
     assert rank0["world_size"] == rank1["world_size"] == WORLD_SIZE
-    assert rank0["updates"] == rank1["updates"] == 6
+    assert rank0["updates"] == rank1["updates"] == 2 * UPDATES_PER_EPOCH
     for name in rank0["final"]:
         assert torch.equal(rank0["initial"][name], rank1["initial"][name]), name
         assert torch.equal(rank0["final"][name], rank1["final"][name]), name
@@ -74,25 +84,33 @@ def test_counters_are_the_runs_totals_over_both_processes(ddp_run):
     run_dir, (rank0, rank1) = ddp_run
     assert rank0["run_env_steps"] == rank1["run_env_steps"] == rank0["env_steps"] + rank1["env_steps"]
     assert rank0["run_episodes"] == rank1["run_episodes"] == rank0["episodes"] + rank1["episodes"] > 0
-    (event_dir,) = {path.parent for path in (run_dir / "logs").rglob("events.out.tfevents.*")}
-    events = EventAccumulator(str(event_dir)).Reload()
+    events = tensorboard_events(run_dir)
     # TensorBoard's env-step axis is the run's: the evaluation after the last update sits at the total.
-    (evaluation,) = events.Scalars("eval/success_rate_vs_env_steps")
-    assert evaluation.step == rank0["run_env_steps"]
+    assert events.Scalars("eval/success_rate_vs_env_steps")[-1].step == rank0["run_env_steps"]
     train_episodes = sum(event.value for event in events.Scalars("train/episodes_vs_env_steps"))
     assert train_episodes == rank0["run_episodes"]  # every training episode of both processes, logged once
 
 
 def test_evaluation_runs_every_seed_once_split_over_the_processes(ddp_run):
     run_dir, (rank0, rank1) = ddp_run
+    seeds = list(range(EVAL_SEED, EVAL_SEED + EVAL_EPISODES))
     assert set(rank0["eval_seeds"]).isdisjoint(rank1["eval_seeds"])
-    assert sorted(rank0["eval_seeds"] + rank1["eval_seeds"]) == list(range(EVAL_SEED, EVAL_SEED + EVAL_EPISODES))
-    (event_dir,) = {path.parent for path in (run_dir / "logs").rglob("events.out.tfevents.*")}
-    events = EventAccumulator(str(event_dir)).Reload()
-    assert [event.value for event in events.Scalars("eval/episodes")] == [EVAL_EPISODES]
+    assert sorted(rank0["eval_seeds"] + rank1["eval_seeds"]) == sorted(seeds * 2)  # two evaluations
+    assert [event.value for event in tensorboard_events(run_dir).Scalars("eval/episodes")] == [EVAL_EPISODES] * 2
 
 
 def test_fewer_evaluation_episodes_than_processes_is_rejected(tmp_path):
     completed = run_cli("fit", "--config", str(ddp_config(tmp_path, **{"data.eval_episodes": 1})))
     assert completed.returncode == 1
     assert "error: data.eval_episodes must be >= the number of processes (2)" in completed.stderr
+
+
+def test_resume_with_another_number_of_processes_is_one_clear_error(ddp_run):
+    run_dir, _ = ddp_run
+    completed = run_cli(
+        "fit", "--config", str(run_dir / "tiny.yaml"), "--trainer.devices", "1", "--trainer.strategy", "auto",
+        "--trainer.max_epochs", "3", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"),
+    )
+    assert completed.returncode == 1
+    assert "error: this checkpoint holds the counters of 2 process(es) and this run has 1; resume with the same " \
+           "number of processes" in completed.stderr

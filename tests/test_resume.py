@@ -52,7 +52,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
             for field, tensor in state.items():
                 assert torch.equal(tensor, resumed_opt["state"][key][field]), f"optimizer state {field} differs"
     assert_same_tree(load_replay(expected), load_replay(resumed), "replay")
-    expected_collector, resumed_collector = expected["callbacks"]["Collector"], resumed["callbacks"]["Collector"]
+    # One process: the Collector's per-process list has one entry.
+    (expected_collector,) = expected["callbacks"]["Collector"]["per_process"]
+    (resumed_collector,) = resumed["callbacks"]["Collector"]["per_process"]
     assert_same_tree(
         {k: v for k, v in expected_collector.items() if k != "env_states"},
         {k: v for k, v in resumed_collector.items() if k != "env_states"},
@@ -151,6 +153,6 @@ def test_after_a_sigkill_resume_starts_from_exactly_the_last_checkpoint(tmp_path
     assert torch.equal(torch_rng, progress["rng"]["torch"]), where
     assert_same_tree(tensors_to_arrays(progress["rng"]["numpy"]), numpy_rng, f"numpy rng {where}")
     assert python_rng == progress["rng"]["python"], where
-    assert state["collector_rng"] == checkpoint["callbacks"]["Collector"]["rng"], where
+    assert state["collector_rng"] == checkpoint["callbacks"]["Collector"]["per_process"][0]["rng"], where
     assert state["sampler_rng"] == extra["sampler_rng"], where
     assert_same_tree(replay, state["replay"], f"replay {where}")
