@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pytorch_lightning.strategies import DDPStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_td3.errors import ConfigError
+from lightning_td3.td3 import _let_ddp_find_unused_parameters
 from tests.rank_snapshot import RankSnapshot
 from tests.tiny_run import tiny_config
 
@@ -114,3 +117,11 @@ def test_resume_with_another_number_of_processes_is_one_clear_error(ddp_run):
     assert completed.returncode == 1
     assert "error: this checkpoint holds the counters of 2 process(es) and this run has 1; resume with the same " \
            "number of processes" in completed.stderr
+
+
+def test_ddp_is_told_to_find_unused_parameters_and_a_static_graph_is_refused():
+    strategy = DDPStrategy()
+    _let_ddp_find_unused_parameters(strategy)
+    assert strategy._ddp_kwargs["find_unused_parameters"] is True
+    with pytest.raises(ConfigError, match=r"trainer\.strategy\.init_args\.static_graph must be false"):
+        _let_ddp_find_unused_parameters(DDPStrategy(static_graph=True))
