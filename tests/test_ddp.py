@@ -108,6 +108,24 @@ def test_fewer_evaluation_episodes_than_processes_is_rejected(tmp_path):
     assert "error: data.eval_episodes must be >= the number of processes (2)" in completed.stderr
 
 
+def test_resume_with_the_same_processes_continues_exactly(ddp_run, tmp_path):
+    _, straight = ddp_run
+    first_half = run_cli("fit", "--config", str(ddp_config(tmp_path, **{"trainer.max_epochs": 1})))
+    assert first_half.returncode == 0, first_half.stderr[-3000:]
+    # Every process wrote its own replay shard next to the checkpoint.
+    shards = sorted(path.name.rsplit("-rank", 1)[1] for path in (tmp_path / "checkpoints" / "replay").glob("*.bin"))
+    assert shards == [f"{rank}-of{WORLD_SIZE}.bin" for rank in range(WORLD_SIZE)]
+    resumed = run_cli("fit", "--config", str(ddp_config(tmp_path)), "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for expected, actual in zip(straight, load_ranks(tmp_path)):
+        for key in ("env_steps", "episodes", "updates", "run_env_steps", "run_episodes"):
+            assert actual[key] == expected[key], key
+        for name, weights in expected["final"].items():
+            assert torch.equal(actual["final"][name], weights), name
+        # Each process got its own replay shard back: the same draw samples the same transitions.
+        assert torch.equal(actual["replay_sample"], expected["replay_sample"])
+
+
 def test_resume_with_another_number_of_processes_is_one_clear_error(ddp_run):
     run_dir, _ = ddp_run
     completed = run_cli(
