@@ -1,76 +1,154 @@
-"""TD3 learner throughput: updates/s at batch 256 (actor + twin critics, separate NatureCNNs, policy delay 2).
+"""TD3 learner throughput, ours vs Stable-Baselines3, in the same run, on the same device and thread count.
 
-    python bench/learner.py [--device cpu|cuda] [--updates 200] [--batch-size 256]
+    python bench/learner.py [--device cpu|cuda] [--rounds 3] [--updates 30] [--batch-size 256]
+                            [--compile] [--bf16-cnn] [--channels-last]
 
-Runs the real `TD3.training_step` under a Lightning Trainer (manual optimization, gradient clipping, Polyak
-updates) on a fixed pinned batch that is copied to the device every update, as the replay stream does.
+Both learners do the same update (batch 256, twin critics and an actor with separate NatureCNNs of 512
+features, heads 256-256, policy delay 2) on image 4x84x84 uint8 + vector (our env's size) observations:
+- ours: the real `TD3.training_step` under a Lightning Trainer, fed by the real `ReplayStream` sampling our
+  `ReplayBuffer` (pinned and copied to the device every update on CUDA, as in a fit);
+- SB3: `TD3("MultiInputPolicy", share_features_extractor=False)`'s own `train()`, sampling its own
+  `DictReplayBuffer` (SB3 does not clip gradients; ours also clips both, norm 10).
+Both buffers hold the same synthetic transitions. The two alternate in rounds (so a neighbour's load on a shared
+machine hits both alike); each round times `--updates` updates after `--warmup` untimed ones.
 """
 
+from __future__ import annotations
+
 import argparse
-import itertools
+import statistics
+import sys
 import time
 
+import gymnasium as gym
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader
 
+from common import (
+    action_space, device_name, import_sb3, observation_space, sb3_td3_kwargs, synchronize, synthetic_steps,
+)
+from datamodules.replay import ReplayStream
+from lightning_td3.envs import EnvConfig
+from lightning_td3.replay import ReplayBuffer
 from lightning_td3.td3 import TD3
 
-VECTOR_SIZE = 54
-WARMUP_UPDATES = 20
-
-
-def random_batch(batch_size: int, pin: bool) -> dict[str, torch.Tensor]:
-    def image():
-        return torch.randint(0, 256, (batch_size, 4, 84, 84), dtype=torch.uint8)
-
-    batch = {
-        "image": image(), "next_image": image(),
-        "vector": torch.randn(batch_size, VECTOR_SIZE), "next_vector": torch.randn(batch_size, VECTOR_SIZE),
-        "action": torch.rand(batch_size, 2) * 2 - 1, "reward": torch.randn(batch_size),
-        "terminated": torch.zeros(batch_size),
-    }
-    return {key: value.pin_memory() if pin else value for key, value in batch.items()}
+EPISODE_STEPS = 100
 
 
 class UpdateClock(pl.Callback):
-    def __init__(self, device: str):
+    """Times the updates after the first `warmup` of a fit."""
+
+    def __init__(self, device: str, warmup: int):
         self.device = device
+        self.warmup = warmup
         self.start = self.end = 0.0
 
-    def _now(self) -> float:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if module.updates == WARMUP_UPDATES:
-            self.start = self._now()
+        if batch_idx == self.warmup:
+            synchronize(self.device)
+            self.start = time.perf_counter()
 
     def on_train_end(self, trainer, module):
-        self.end = self._now()
+        synchronize(self.device)
+        self.end = time.perf_counter()
+
+
+class SpacesOnlyEnv(gym.Env):
+    """What SB3's constructor reads of an env: its spaces (`train()` never steps it)."""
+
+    def __init__(self, vector_size: int):
+        self.observation_space = observation_space(vector_size)
+        self.action_space = action_space()
+
+
+def filled_buffers(transitions: int, vector_size: int, sb3_buffer, seed: int) -> ReplayBuffer:
+    """Our buffer filled with synthetic transitions, and SB3's (unless None) with the same ones."""
+    ours = ReplayBuffer(capacity=transitions + transitions // EPISODE_STEPS + 1, num_envs=1, vector_size=vector_size)
+    rng = np.random.default_rng(seed)
+    for obs, action, reward, next_obs, over in synthetic_steps(transitions, vector_size, EPISODE_STEPS, rng):
+        batched = {key: value[None] for key, value in obs.items()}
+        batched_next = {key: value[None] for key, value in next_obs.items()}
+        ours.add(batched, action[None], np.array([reward]), batched_next, np.array([over]), np.array([False]))
+        if sb3_buffer is not None:
+            sb3_buffer.add(batched, batched_next, action[None], np.array([reward]), np.array([over]), [{}])
+    return ours
+
+
+def time_ours(module: TD3, loader: DataLoader, args) -> float:
+    clock = UpdateClock(args.device, args.warmup)
+    trainer = pl.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=1,
+        limit_train_batches=args.warmup + args.updates, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return args.updates / (clock.end - clock.start)
+
+
+def time_sb3(model, args) -> float:
+    model.train(gradient_steps=args.warmup, batch_size=args.batch_size)
+    synchronize(args.device)
+    start = time.perf_counter()
+    model.train(gradient_steps=args.updates, batch_size=args.batch_size)
+    synchronize(args.device)
+    return args.updates / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--updates", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--updates", type=int, default=None, help="timed updates per round (cpu 30, cuda 500)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed updates per round (cpu 4, cuda 50)")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--transitions", type=int, default=2000, help="transitions in each replay buffer")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
+    parser.add_argument("--compile", action="store_true", help="TD3(compile=True): torch.compile the networks")
+    parser.add_argument("--bf16-cnn", action="store_true", help="TD3(bf16_cnn=True): bf16 autocast CNNs (CUDA)")
+    parser.add_argument("--channels-last", action="store_true", help="TD3(channels_last=True)")
+    parser.add_argument("--skip-sb3", action="store_true", help="time ours only (no ratio)")
     args = parser.parse_args()
-
+    args.updates = args.updates or (500 if args.device == "cuda" else 30)
+    args.warmup = args.warmup or (50 if args.device == "cuda" else 4)
+    sys.stdout.reconfigure(line_buffering=True)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    module = TD3(vector_size=VECTOR_SIZE, log_every_n_updates=10**9, log_images_every_n_updates=10**9)
-    clock = UpdateClock(args.device)
-    trainer = pl.Trainer(
-        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=1,
-        limit_train_batches=WARMUP_UPDATES + args.updates, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
-    )
-    # The same pinned host batch every update: TD3 copies it to the device each time, as from the replay stream.
-    trainer.fit(module, train_dataloaders=itertools.repeat(random_batch(args.batch_size, pin=args.device == "cuda")))
-    updates_per_s = args.updates / (clock.end - clock.start)
-    name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    print(f"device: {name}; batch {args.batch_size}; timed updates {args.updates}")
-    print(f"updates_per_s: {updates_per_s:.1f}")
+
+    vector_size = EnvConfig().vector_size
+    sb3_model = None
+    if not args.skip_sb3:
+        sb3 = import_sb3()
+        sb3_model = sb3.TD3(
+            env=SpacesOnlyEnv(vector_size), buffer_size=args.transitions, batch_size=args.batch_size,
+            device=args.device, seed=0, **sb3_td3_kwargs(),
+        )
+        from stable_baselines3.common.logger import Logger
+
+        sb3_model.set_logger(Logger(folder=None, output_formats=[]))
+    buffer = filled_buffers(args.transitions, vector_size, sb3_model and sb3_model.replay_buffer, seed=0)
+    stream = ReplayStream(buffer, args.batch_size, np.random.default_rng(1))
+    loader = DataLoader(stream, batch_size=None, num_workers=0, pin_memory=args.device == "cuda")
+    speedups = {name: True for name in ("compile", "bf16_cnn", "channels_last") if getattr(args, name)}
+    module = TD3(vector_size=vector_size, log_every_n_updates=100, log_images_every_n_updates=10**9, **speedups)
+
+    print(f"device: {device_name(args.device)}; batch {args.batch_size}; {args.rounds} rounds x {args.updates} "
+          f"timed updates ({args.warmup} warm-up); TD3 options: {speedups or 'defaults'}")
+    ours_rates, sb3_rates = [], []
+    for round_index in range(args.rounds):
+        ours_rates.append(time_ours(module, loader, args))
+        line = f"round {round_index + 1}: ours {ours_rates[-1]:.2f} updates/s"
+        if not args.skip_sb3:
+            sb3_rates.append(time_sb3(sb3_model, args))
+            line += f", sb3 {sb3_rates[-1]:.2f} updates/s"
+        print(line)
+    ours = statistics.median(ours_rates)
+    print(f"updates_per_s: {ours:.2f}")
+    if sb3_rates:
+        sb3_median = statistics.median(sb3_rates)
+        print(f"sb3_updates_per_s: {sb3_median:.2f}")
+        print(f"ratio (ours / sb3): {ours / sb3_median:.2f}")
 
 
 if __name__ == "__main__":

@@ -19,10 +19,14 @@ def _init_he(layer: nn.Conv2d | nn.Linear) -> None:
 
 
 class NatureCNN(nn.Module):
-    """uint8 (B, 4, 84, 84) frame stack -> (B, feature_size) features, the DQN Nature encoder with LeakyReLU."""
+    """uint8 (B, 4, 84, 84) frame stack -> (B, feature_size) features, the DQN Nature encoder with LeakyReLU.
 
-    def __init__(self, in_channels: int = 4, feature_size: int = 512):
+    `bf16`: run the encoder under bfloat16 autocast (meant for CUDA; its features are returned as float32).
+    """
+
+    def __init__(self, in_channels: int = 4, feature_size: int = 512, bf16: bool = False):
         super().__init__()
+        self.bf16 = bf16
         self.convs = nn.Sequential(
             nn.Conv2d(in_channels, 32, kernel_size=8, stride=4),
             nn.LeakyReLU(LEAKY_SLOPE),
@@ -42,8 +46,12 @@ class NatureCNN(nn.Module):
         # they reach the device, and makes it impossible to feed a net pre-scaled pixels by accident.
         if image.dtype != torch.uint8:
             raise TypeError(f"NatureCNN expects a uint8 image; got {image.dtype}")
-        pixels = image.float() / 127.5 - 1.0
-        return self.linear(self.convs(pixels))
+        pixels = image.float().div_(127.5).sub_(1.0)  # in place: the same arithmetic without two more copies
+        # bf16 for the convolutions and the feature layer only, where nearly all the compute is; the features go
+        # on in float32, so heads, Q values, TD targets and losses keep full precision.
+        with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            features = self.linear(self.convs(pixels))
+        return features.float()
 
 
 def mlp(in_size: int, hidden_sizes: tuple[int, ...], out_size: int, layer_norm: bool = False) -> nn.Sequential:
@@ -71,9 +79,10 @@ class Actor(nn.Module):
         hidden_sizes: tuple[int, ...] = (256, 256),
         feature_size: int = 512,
         layer_norm: bool = False,
+        bf16_cnn: bool = False,
     ):
         super().__init__()
-        self.cnn = NatureCNN(feature_size=feature_size)
+        self.cnn = NatureCNN(feature_size=feature_size, bf16=bf16_cnn)
         self.head = mlp(feature_size + vector_size, tuple(hidden_sizes), action_size, layer_norm)
 
     def forward(self, image: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
@@ -90,9 +99,10 @@ class TwinCritic(nn.Module):
         hidden_sizes: tuple[int, ...] = (256, 256),
         feature_size: int = 512,
         layer_norm: bool = False,
+        bf16_cnn: bool = False,
     ):
         super().__init__()
-        self.cnn = NatureCNN(feature_size=feature_size)
+        self.cnn = NatureCNN(feature_size=feature_size, bf16=bf16_cnn)
         head_input = feature_size + vector_size + action_size
         self.q1_head = mlp(head_input, tuple(hidden_sizes), 1, layer_norm)
         self.q2_head = mlp(head_input, tuple(hidden_sizes), 1, layer_norm)
@@ -107,5 +117,12 @@ class TwinCritic(nn.Module):
         return self.q1_head(head_input).squeeze(-1), self.q2_head(head_input).squeeze(-1)
 
     def q1(self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """Q1 only, for the actor loss (TD3 maximises Q1 alone)."""
-        return self.q1_head(self._head_input(image, vector, action)).squeeze(-1)
+        """Q1 only, for the actor loss (TD3 maximises Q1 alone).
+
+        The actor's gradient reaches Q1 through `action` alone and the critic's CNN sees only the observation,
+        so its features are computed without autograd: the same actor gradient without a backward pass through
+        the critic's CNN (which the actor loss must not train anyway; SB3's `q1_forward` does the same).
+        """
+        with torch.no_grad():
+            features = self.cnn(image)
+        return self.q1_head(torch.cat([features, vector, action], dim=1)).squeeze(-1)

@@ -69,6 +69,10 @@ class TD3(DrivingModule):
         max_grad_norm: gradient clipping (L2 norm) for both optimizers.
         log_every_n_updates: how often losses, Q statistics and grad norms are logged.
         log_images_every_n_updates: how often camera stacks, histograms and CNN feature statistics are logged.
+        channels_last: keep conv weights (and so activations) channels-last, the layout fast conv kernels want.
+        compile: `torch.compile` the CNNs and heads (the first updates pay for compilation).
+        bf16_cnn: run the CNNs under bfloat16 autocast (meant for CUDA); heads, Q values, targets and losses stay
+            float32, where bf16's 8-bit mantissa would blur TD targets.
     """
 
     def __init__(
@@ -86,6 +90,9 @@ class TD3(DrivingModule):
         max_grad_norm: float = 10.0,
         log_every_n_updates: int = 100,
         log_images_every_n_updates: int = 5000,
+        channels_last: bool = False,
+        compile: bool = False,
+        bf16_cnn: bool = False,
     ) -> None:
         super().__init__()
         require(0.0 <= gamma < 1.0, "model.gamma", "in [0, 1)", gamma)
@@ -95,10 +102,19 @@ class TD3(DrivingModule):
         )
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.actor = Actor(vector_size=vector_size, hidden_sizes=tuple(hidden_sizes), layer_norm=layer_norm)
-        self.critic = TwinCritic(vector_size=vector_size, hidden_sizes=tuple(hidden_sizes), layer_norm=layer_norm)
+        sizes = dict(vector_size=vector_size, hidden_sizes=tuple(hidden_sizes), layer_norm=layer_norm)
+        self.actor = Actor(**sizes, bf16_cnn=bf16_cnn)
+        self.critic = TwinCritic(**sizes, bf16_cnn=bf16_cnn)
+        if channels_last:
+            self.actor.to(memory_format=torch.channels_last)
+            self.critic.to(memory_format=torch.channels_last)
         self.actor_target = _frozen_copy(self.actor)
         self.critic_target = _frozen_copy(self.critic)
+        if compile:
+            # In place (Module.compile), so state_dict keys and checkpoints stay those of the eager modules.
+            for network in (self.actor, self.critic, self.actor_target, self.critic_target):
+                for part in network.children():
+                    part.compile()
         # This process's progress, advanced by its Collector and by training_step, saved with every checkpoint.
         # Under DDP every process collects its own env steps and episodes; updates are the same on all of them.
         self.env_steps = 0
@@ -122,10 +138,10 @@ class TD3(DrivingModule):
             _let_ddp_find_unused_parameters(self.trainer.strategy)
 
     def configure_optimizers(self):
-        fused = torch.cuda.is_available()
+        # Fused Adam (one kernel for all parameters) exists for CUDA and CPU tensors alike.
         return (
-            torch.optim.Adam(self.actor.parameters(), lr=self.hparams.actor_lr, fused=fused),
-            torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, fused=fused),
+            torch.optim.Adam(self.actor.parameters(), lr=self.hparams.actor_lr, fused=True),
+            torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, fused=True),
         )
 
     def training_step(self, dataloader_iter: Iterator) -> None:

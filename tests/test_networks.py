@@ -105,3 +105,34 @@ def test_gradients_reach_the_cnns():
     critic.zero_grad()
     (-critic.q1(image, vector, actor(image, vector)).mean()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in actor.cnn.parameters())
+
+
+def test_the_actor_loss_gives_the_full_graphs_actor_gradient_without_a_backward_through_the_critics_cnn():
+    image, vector, _ = batch()
+    torch.manual_seed(0)
+    actor, critic = Actor(VECTOR_SIZE), TwinCritic(VECTOR_SIZE)
+
+    (-critic(image, vector, actor(image, vector))[0].mean()).backward()  # Q1 through the whole graph
+    full_graph = [p.grad.clone() for p in actor.parameters()]
+    actor.zero_grad()
+    critic.zero_grad(set_to_none=True)
+    (-critic.q1(image, vector, actor(image, vector)).mean()).backward()
+
+    for expected, param in zip(full_graph, actor.parameters()):
+        torch.testing.assert_close(param.grad, expected)
+    assert all(p.grad is None for p in critic.cnn.parameters())
+
+
+def test_bf16_cnn_computes_in_bf16_and_hands_float32_features_on():
+    image, vector, action = batch()
+    torch.manual_seed(0)
+    cnn = NatureCNN(bf16=True)
+    conv_outputs = []
+    cnn.convs[0].register_forward_hook(lambda module, inputs, output: conv_outputs.append(output))
+    features = cnn(image)
+    assert conv_outputs[0].dtype == torch.bfloat16 and features.dtype == torch.float32
+    torch.manual_seed(0)
+    full_precision = NatureCNN()(image)
+    torch.testing.assert_close(features, full_precision, rtol=0.05, atol=0.05)
+    q1, _ = TwinCritic(VECTOR_SIZE, bf16_cnn=True)(image, vector, action)
+    assert q1.dtype == torch.float32

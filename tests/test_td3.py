@@ -116,3 +116,22 @@ def test_q_values_line_up_with_rewards_so_the_loss_is_per_sample():
     q1, q2 = module.critic(batch["image"], batch["vector"], batch["action"])
     assert q1.shape == q2.shape == batch["reward"].shape
     assert module.critic.q1(batch["image"], batch["vector"], batch["action"]).shape == batch["reward"].shape
+
+
+def test_speed_options_keep_the_checkpoint_layout_and_the_math():
+    torch.manual_seed(0)
+    eager = TD3(vector_size=VECTOR, hidden_sizes=(32,))
+    fast = TD3(vector_size=VECTOR, hidden_sizes=(32,), channels_last=True, compile=True)
+    assert fast.state_dict().keys() == eager.state_dict().keys()
+    fast.load_state_dict(eager.state_dict())
+    assert fast.critic.cnn.convs[0].weight.is_contiguous(memory_format=torch.channels_last)
+    batch = fixed_batch()
+    gradients = []
+    for module in (eager, fast):
+        q1, q2 = module.critic(batch["image"], batch["vector"], batch["action"])
+        actor_loss = -module.critic.q1(batch["image"], batch["vector"], module.actor(batch["image"], batch["vector"]))
+        (q1.pow(2).mean() + q2.mean() + actor_loss.mean()).backward()
+        gradients.append({name: p.grad for name, p in module.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, expected in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], expected, rtol=1e-3, atol=1e-5, msg=name)
