@@ -5,8 +5,10 @@ Benchmarks run as scripts (`python bench/learner.py`), so this module is importe
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
@@ -28,6 +30,13 @@ def import_sb3():
     except ImportError:
         sys.exit('error: this benchmark compares against Stable-Baselines3; install it with pip install -e ".[bench]"')
     return stable_baselines3
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's banners and experimental-API warnings out of benchmark output."""
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="pytorch_lightning")
+    warnings.filterwarnings("ignore", module="lightning_fabric")
 
 
 def observation_space(vector_size: int) -> gym.spaces.Dict:

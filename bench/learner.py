@@ -27,7 +27,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from common import (
-    action_space, device_name, import_sb3, observation_space, sb3_td3_kwargs, synchronize, synthetic_steps,
+    action_space, device_name, import_sb3, observation_space, quiet_lightning, sb3_td3_kwargs, synchronize,
+    synthetic_steps,
 )
 from datamodules.replay import ReplayStream
 from lightning_td3.envs import EnvConfig
@@ -113,6 +114,7 @@ def main() -> None:
     args.updates = args.updates or (500 if args.device == "cuda" else 30)
     args.warmup = args.warmup or (50 if args.device == "cuda" else 4)
     sys.stdout.reconfigure(line_buffering=True)
+    quiet_lightning()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 

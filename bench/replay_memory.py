@@ -1,15 +1,15 @@
-"""Memory per transition and sampling time of the frame-deduplicating `ReplayBuffer`.
+"""Memory per transition and sampling time of the frame-deduplicating `ReplayBuffer`, next to SB3's.
 
-1. Fills a buffer with transitions of the real `DrivingEnv` (highway backend, random actions, a NEXT_STEP
-   autoreset vector env with the autoreset steps masked out) and prints its exact bytes per transition.
-2. Cross-checks that figure against the growth of this process's resident memory while a bigger buffer fills
+1. Fills our buffer and Stable-Baselines3's `DictReplayBuffer` with the same transitions of the real `DrivingEnv`
+   (highway backend, random actions, a NEXT_STEP autoreset vector env with the autoreset steps masked out) and
+   prints both buffers' exact array bytes per transition and the ratio. Then checks that what our buffer samples
+   equals, field by field, what SB3 stored for the same transition.
+2. Cross-checks our figure against the growth of this process's resident memory while a bigger buffer fills
    with synthetic frames: the storage is allocated lazily, so RSS grows only as slots are written.
-3. Projects a 1M-transition buffer, next to SB3's layout (obs and next_obs stacks stored whole).
+3. Projects a 1M-transition buffer for both.
 4. Times `sample(256)` on the big buffer.
 
 Usage: python bench/replay_memory.py [--env-transitions N] [--synthetic-transitions N] [--seed S]
-"""
-
 from __future__ import annotations
 
 import argparse
@@ -23,13 +23,12 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import import_sb3  # noqa: E402
 from lightning_td3.envs import DrivingEnv, EnvConfig  # noqa: E402
 from lightning_td3.replay import ReplayBuffer  # noqa: E402
 
-# SB3's DictReplayBuffer (optimize_memory_usage is not available for dict observations): obs and next_obs
-# (2 x (4*84*84 uint8 + 54 float32)), action 2 float32, then reward, done and timeout as float32.
-SB3_BYTES_PER_TRANSITION = 2 * (4 * 84 * 84 + 54 * 4) + 2 * 4 + 4 + 4 + 4
 ENV_COUNT = 2
+EXACTNESS_SAMPLES = 512
 SYNTHETIC_EPISODE_STEPS = 300
 
 
@@ -41,8 +40,9 @@ def resident_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def fill_from_driving_env(transitions: int, seed: int) -> tuple[ReplayBuffer, int]:
-    """A buffer holding `transitions` real transitions; also returns how many episodes ended meanwhile."""
+def fill_from_driving_env(transitions: int, seed: int, sb3_buffer) -> tuple[ReplayBuffer, int]:
+    """Our buffer holding `transitions` real transitions, SB3's (one env: transitions come one at a time) the same
+    ones; also returns how many episodes ended meanwhile."""
     config = EnvConfig()
     envs = gym.vector.SyncVectorEnv([lambda: DrivingEnv(config) for _ in range(ENV_COUNT)])
     # Room to spare: every episode also takes a slot for its final observation, which starts no transition.
@@ -54,11 +54,47 @@ def fill_from_driving_env(transitions: int, seed: int) -> tuple[ReplayBuffer, in
         action = envs.action_space.sample()
         next_obs, reward, terminated, truncated, _ = envs.step(action)
         buffer.add(obs, action, reward, next_obs, terminated, truncated, mask=~autoresetting)
+        for env in np.flatnonzero(~autoresetting):
+            sb3_buffer.add(
+                {key: value[env : env + 1] for key, value in obs.items()},
+                {key: value[env : env + 1] for key, value in next_obs.items()},
+                action[env : env + 1], reward[env : env + 1], (terminated | truncated)[env : env + 1],
+                [{"TimeLimit.truncated": bool(truncated[env])}],
+            )
         autoresetting = terminated | truncated
         episodes += int(autoresetting.sum())
         obs = next_obs
     envs.close()
     return buffer, episodes
+
+
+def sb3_bytes_per_transition(sb3_buffer) -> float:
+    """Exact bytes of SB3's storage arrays per transition slot (obs and next_obs stored whole, as float32 the
+    action, reward, done and timeout)."""
+    arrays = [*sb3_buffer.observations.values(), *sb3_buffer.next_observations.values(), sb3_buffer.actions,
+              sb3_buffer.rewards, sb3_buffer.dones, sb3_buffer.timeouts]
+    return sum(array.nbytes for array in arrays) / (sb3_buffer.buffer_size * sb3_buffer.n_envs)
+
+
+def mismatches_with_sb3(buffer: ReplayBuffer, sb3_buffer, samples: int, rng: np.random.Generator) -> int:
+    """Sampled transitions of ours that differ in any field from SB3's stored copy (found by its action)."""
+    stored = sb3_buffer.size()
+    index_of = {sb3_buffer.actions[i, 0].tobytes(): i for i in range(stored)}
+    batch = buffer.sample(samples, rng)
+    wrong = 0
+    for row in range(samples):
+        i = index_of[batch["action"][row].tobytes()]
+        same = (
+            np.array_equal(batch["image"][row], sb3_buffer.observations["image"][i, 0])
+            and np.array_equal(batch["vector"][row], sb3_buffer.observations["vector"][i, 0])
+            and np.array_equal(batch["next_image"][row], sb3_buffer.next_observations["image"][i, 0])
+            and np.array_equal(batch["next_vector"][row], sb3_buffer.next_observations["vector"][i, 0])
+            and batch["reward"][row] == sb3_buffer.rewards[i, 0]
+            # SB3 stores done = terminated or truncated, and the truncation apart as a timeout
+            and batch["terminated"][row] == sb3_buffer.dones[i, 0] * (1 - sb3_buffer.timeouts[i, 0])
+        )
+        wrong += not same
+    return wrong
 
 
 def fill_synthetic(buffer: ReplayBuffer, transitions: int, rng: np.random.Generator) -> int:
@@ -98,12 +134,28 @@ def main() -> None:
     sys.stdout.reconfigure(line_buffering=True)  # each result shows as soon as it is measured
     rng = np.random.default_rng(args.seed)
 
+    sb3 = import_sb3()
+    from stable_baselines3.common.buffers import DictReplayBuffer
+
+    config = EnvConfig()
+    probe = DrivingEnv(config)
+    sb3_buffer = DictReplayBuffer(
+        args.env_transitions + ENV_COUNT, probe.observation_space, probe.action_space, device="cpu", n_envs=1,
+    )
+    probe.close()
     start = time.perf_counter()
-    env_buffer, episodes = fill_from_driving_env(args.env_transitions, args.seed)
+    env_buffer, episodes = fill_from_driving_env(args.env_transitions, args.seed, sb3_buffer)
     print(f"DrivingEnv (highway, {ENV_COUNT} envs, random actions): {len(env_buffer)} transitions, "
-          f"{episodes} episodes ended, {time.perf_counter() - start:.1f} s")
-    print(f"bytes_per_transition: {env_buffer.bytes_per_transition:.0f} (exact buffer array bytes / slots)")
-    del env_buffer
+          f"{episodes} episodes ended, {time.perf_counter() - start:.1f} s (stable-baselines3 {sb3.__version__})")
+    ours_bytes, sb3_bytes = env_buffer.bytes_per_transition, sb3_bytes_per_transition(sb3_buffer)
+    print(f"bytes_per_transition: {ours_bytes:.0f} (exact buffer array bytes / slots)")
+    print(f"sb3_bytes_per_transition: {sb3_bytes:.0f} (DictReplayBuffer, exact array bytes / slots)")
+    print(f"ratio (sb3 / ours): {sb3_bytes / ours_bytes:.2f}")
+    wrong = mismatches_with_sb3(env_buffer, sb3_buffer, EXACTNESS_SAMPLES, rng)
+    print(f"exactness: {EXACTNESS_SAMPLES - wrong}/{EXACTNESS_SAMPLES} sampled transitions equal SB3's stored copy")
+    if wrong:
+        sys.exit("error: our replay buffer sampled transitions that differ from what was stored")
+    del env_buffer, sb3_buffer
 
     rss_before = resident_bytes()
     big = ReplayBuffer(capacity=args.synthetic_transitions, num_envs=1, vector_size=EnvConfig().vector_size)
@@ -114,10 +166,8 @@ def main() -> None:
           f"{(rss_filled - rss_allocated) / 2**20:.1f} MiB on writing {slots_written} of them "
           f"= {(rss_filled - rss_allocated) / slots_written:.0f} bytes per slot ({len(big)} transitions)")
 
-    projected = big.bytes_per_transition * 1_000_000
-    print(f"1M transitions: {projected / 1e9:.2f} GB ({projected / 2**30:.2f} GiB); "
-          f"SB3 dict layout {SB3_BYTES_PER_TRANSITION} B/transition: {SB3_BYTES_PER_TRANSITION * 1e6 / 1e9:.1f} GB "
-          f"({SB3_BYTES_PER_TRANSITION / big.bytes_per_transition:.1f}x)")
+    print(f"1M transitions: ours {ours_bytes * 1e6 / 1e9:.2f} GB ({ours_bytes * 1e6 / 2**30:.2f} GiB), "
+          f"SB3 {sb3_bytes * 1e6 / 1e9:.1f} GB ({sb3_bytes * 1e6 / 2**30:.1f} GiB)")
 
     seconds = time_sampling(big, 256, repeats=200, rng=rng)
     print(f"sample(256) on {len(big)} transitions: median {np.median(seconds) * 1e3:.2f} ms, "

@@ -77,6 +77,11 @@ class Collector(pl.Callback):
         self._last_return = 0.0
         self._clock = (0.0, 0)  # (time, env_steps) at the last speed measurement
         self._sps = 0.0
+        # Seconds since warm-up: stepping envs and storing transitions (the learner waits meanwhile), and whole
+        # train batches (that, the policy's actions and the update), from on_train_batch_start to _end.
+        self._env_seconds = 0.0
+        self._batch_seconds = 0.0
+        self._batch_started = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -96,8 +101,10 @@ class Collector(pl.Callback):
             self._collect(trainer, module)
             if module.env_steps % WARMUP_REPORT_EVERY < self.envs.num_envs:
                 rank_zero_info(f"warm-up: {module.env_steps}/{self.learning_starts} random env steps")
+        self._env_seconds = self._batch_seconds = 0.0
 
     def on_train_batch_start(self, trainer: pl.Trainer, module, batch, batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
         while (module.env_steps - self.learning_starts) * self.updates_per_step < module.updates + 1:
             self._collect(trainer, module)
         module.log_dict(
@@ -105,6 +112,12 @@ class Collector(pl.Callback):
              "sps": self._steps_per_second(module), "last_return": self._last_return},
             prog_bar=True, on_step=True, on_epoch=False, batch_size=1,
         )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module, outputs, batch, batch_idx: int) -> None:
+        self._batch_seconds += time.perf_counter() - self._batch_started
+        # Collection and learning take turns, so this is the share of training time the learner sat idle.
+        module.log("perf/data_wait_fraction", self._env_seconds / self._batch_seconds, on_step=True,
+                   on_epoch=False, batch_size=1)
 
     def teardown(self, trainer: pl.Trainer, module, stage: str) -> None:
         if self.envs is not None:
@@ -120,10 +133,12 @@ class Collector(pl.Callback):
         else:
             noise = self._rng.normal(0.0, self.exploration_noise, (num_envs, 2))
             actions = np.clip(module.act(self._obs) + noise, -1.0, 1.0).astype(np.float32)
+        started = time.perf_counter()
         obs, reward, terminated, truncated, info = self.envs.step(actions)
         done = terminated | truncated
         next_obs = _with_final_observations(obs, info, done)
         trainer.datamodule.buffer.add(self._obs, actions, reward, next_obs, terminated, truncated)
+        self._env_seconds += time.perf_counter() - started
         self._obs = obs
         module.env_steps += num_envs
         if done.any():

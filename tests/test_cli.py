@@ -21,7 +21,7 @@ EVAL_KEYS = {
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tiny")
-    fit(run_dir, **{"model.init_args.log_images_every_n_updates": 3})
+    fit(run_dir, **{"model.init_args.log_images_every_n_updates": 3, "trainer.log_every_n_steps": 1})
     return run_dir
 
 
@@ -42,6 +42,14 @@ def test_fit_writes_tensorboard_events_vs_env_steps_and_checkpoints(tiny_run):
     progress = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)["td3_progress"]
     # One update per env step after the 30 warm-up steps (two envs step together, so within one vector step).
     assert progress["updates"] == 6 and 0 <= progress["env_steps"] - 30 - progress["updates"] < 2
+
+
+def test_fit_logs_the_share_of_training_time_the_learner_waits_for_env_steps(tiny_run):
+    (event_dir,) = {path.parent for path in (tiny_run / "logs").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(event_dir), size_guidance={"images": 0, "histograms": 0}).Reload()
+    fractions = [event.value for event in events.Scalars("perf/data_wait_fraction")]
+    # Every update steps the envs first (one update per env step), so the learner waits a real, partial share.
+    assert fractions and all(0.0 < fraction < 1.0 for fraction in fractions)
 
 
 def test_validate_a_checkpoint_through_the_evaluation_harness(tiny_run):
