@@ -34,7 +34,8 @@ def import_sb3():
 
 def quiet_lightning() -> None:
     """Keep Lightning's banners and experimental-API warnings out of benchmark output."""
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="pytorch_lightning")
     warnings.filterwarnings("ignore", module="lightning_fabric")
 

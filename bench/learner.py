@@ -39,21 +39,30 @@ EPISODE_STEPS = 100
 
 
 class UpdateClock(pl.Callback):
-    """Times the updates after the first `warmup` of a fit."""
+    """Wall and CPU time of the updates after the first `warmup` of a fit."""
 
     def __init__(self, device: str, warmup: int):
         self.device = device
         self.warmup = warmup
-        self.start = self.end = 0.0
+        self.start = self.end = (0.0, 0.0)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx == self.warmup:
-            synchronize(self.device)
-            self.start = time.perf_counter()
+            self.start = now(self.device)
 
     def on_train_end(self, trainer, module):
-        synchronize(self.device)
-        self.end = time.perf_counter()
+        self.end = now(self.device)
+
+
+def now(device: str) -> tuple[float, float]:
+    """(wall, CPU) seconds; CPU time (all threads of this process) suffers less from neighbours' load."""
+    synchronize(device)
+    return time.perf_counter(), time.process_time()
+
+
+def rates(updates: int, start: tuple[float, float], end: tuple[float, float]) -> tuple[float, float]:
+    """(updates per wall second, updates per CPU second)."""
+    return updates / (end[0] - start[0]), updates / (end[1] - start[1])
 
 
 class SpacesOnlyEnv(gym.Env):
@@ -77,7 +86,7 @@ def filled_buffers(transitions: int, vector_size: int, sb3_buffer, seed: int) ->
     return ours
 
 
-def time_ours(module: TD3, loader: DataLoader, args) -> float:
+def time_ours(module: TD3, loader: DataLoader, args) -> tuple[float, float]:
     clock = UpdateClock(args.device, args.warmup)
     trainer = pl.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=1,
@@ -85,16 +94,14 @@ def time_ours(module: TD3, loader: DataLoader, args) -> float:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
     )
     trainer.fit(module, train_dataloaders=loader)
-    return args.updates / (clock.end - clock.start)
+    return rates(args.updates, clock.start, clock.end)
 
 
-def time_sb3(model, args) -> float:
+def time_sb3(model, args) -> tuple[float, float]:
     model.train(gradient_steps=args.warmup, batch_size=args.batch_size)
-    synchronize(args.device)
-    start = time.perf_counter()
+    start = now(args.device)
     model.train(gradient_steps=args.updates, batch_size=args.batch_size)
-    synchronize(args.device)
-    return args.updates / (time.perf_counter() - start)
+    return rates(args.updates, start, now(args.device))
 
 
 def main() -> None:
@@ -140,17 +147,17 @@ def main() -> None:
     ours_rates, sb3_rates = [], []
     for round_index in range(args.rounds):
         ours_rates.append(time_ours(module, loader, args))
-        line = f"round {round_index + 1}: ours {ours_rates[-1]:.2f} updates/s"
+        line = f"round {round_index + 1}: ours {ours_rates[-1][0]:.2f} updates/s ({ours_rates[-1][1]:.3f} per CPU s)"
         if not args.skip_sb3:
             sb3_rates.append(time_sb3(sb3_model, args))
-            line += f", sb3 {sb3_rates[-1]:.2f} updates/s"
+            line += f", sb3 {sb3_rates[-1][0]:.2f} updates/s ({sb3_rates[-1][1]:.3f} per CPU s)"
         print(line)
-    ours = statistics.median(ours_rates)
-    print(f"updates_per_s: {ours:.2f}")
+    ours = [statistics.median(rate[i] for rate in ours_rates) for i in (0, 1)]
+    print(f"updates_per_s: {ours[0]:.2f}")
     if sb3_rates:
-        sb3_median = statistics.median(sb3_rates)
-        print(f"sb3_updates_per_s: {sb3_median:.2f}")
-        print(f"ratio (ours / sb3): {ours / sb3_median:.2f}")
+        sb3 = [statistics.median(rate[i] for rate in sb3_rates) for i in (0, 1)]
+        print(f"sb3_updates_per_s: {sb3[0]:.2f}")
+        print(f"ratio (ours / sb3): {ours[0] / sb3[0]:.2f} (per CPU second: {ours[1] / sb3[1]:.2f})")
 
 
 if __name__ == "__main__":

@@ -115,9 +115,13 @@ class Collector(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, module, outputs, batch, batch_idx: int) -> None:
         self._batch_seconds += time.perf_counter() - self._batch_started
-        # Collection and learning take turns, so this is the share of training time the learner sat idle.
-        module.log("perf/data_wait_fraction", self._env_seconds / self._batch_seconds, on_step=True,
-                   on_epoch=False, batch_size=1)
+        module.log("perf/data_wait_fraction", self.data_wait_fraction, on_step=True, on_epoch=False, batch_size=1)
+
+    @property
+    def data_wait_fraction(self) -> float:
+        """Share of training time (since warm-up) spent stepping envs and storing transitions: collection and
+        learning take turns, so the learner sits idle for exactly that share."""
+        return self._env_seconds / self._batch_seconds if self._batch_seconds else 0.0
 
     def teardown(self, trainer: pl.Trainer, module, stage: str) -> None:
         if self.envs is not None:
