@@ -18,8 +18,9 @@ class RecordingBuffer(ReplayBuffer):
         self.calls = []
 
     def add(self, obs, action, reward, next_obs, terminated, truncated, mask=None):
-        self.calls.append({key: _copy(value) for key, value in
-                           dict(obs=obs, next_obs=next_obs, terminated=terminated, truncated=truncated).items()})
+        self.calls.append({key: _copy(value) for key, value in dict(
+            obs=obs, action=action, reward=reward, next_obs=next_obs, terminated=terminated, truncated=truncated,
+        ).items()})
         super().add(obs, action, reward, next_obs, terminated, truncated, mask)
 
 
@@ -70,6 +71,25 @@ def test_final_observations_go_to_the_buffer_and_episodes_are_counted():
     assert module.env_steps == 40
     assert module.episodes == dones == module.train_episode_metrics.compute()["train/episodes"] > 0
     assert len(buffer) == 40  # every transition is sampleable, episode ends included
+    assert_samples_are_stored_transitions(buffer)
+
+
+def assert_samples_are_stored_transitions(buffer: RecordingBuffer) -> None:
+    """Every sampled transition equals, field by field, one the collector handed to the buffer."""
+    stored = {}
+    for call in buffer.calls:
+        for env in range(buffer.num_envs):
+            stored[call["action"][env].tobytes()] = {
+                "image": call["obs"]["image"][env], "vector": call["obs"]["vector"][env],
+                "action": call["action"][env], "reward": np.float32(call["reward"][env]),
+                "next_image": call["next_obs"]["image"][env], "next_vector": call["next_obs"]["vector"][env],
+                "terminated": np.float32(call["terminated"][env]),
+            }
+    batch = buffer.sample(256, np.random.default_rng(0))
+    for row in range(256):
+        expected = stored[batch["action"][row].tobytes()]
+        for name, value in expected.items():
+            assert np.array_equal(batch[name][row], value), f"sampled {name} differs from the stored one"
 
 
 @pytest.mark.parametrize(

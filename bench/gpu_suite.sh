@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every GPU measurement of issue 6 (performance vs Stable-Baselines3) in one command, about 7 minutes on one
+# H100 with 16 cores; everything it prints also lands in $OUT/suite.txt.
+#   here, once:  bash bench/gpu_wheels.sh                      (the device image lacks gymnasium, highway-env, SB3 ...)
+#   device:      bash bench/gpu_suite.sh                       (run tool: carry [".whl"], timeout_s 600)
+#   dry run:     OUT=/tmp/suite bash bench/gpu_suite.sh --device cpu   (tiny sizes: checks every step on a CPU)
+# Each step has its own time limit, and a step that would end past BUDGET_S is skipped (said so in the log).
+set -u
+DEVICE=cuda
+[ "${1:-}" = "--device" ] && DEVICE=$2
+OUT=${OUT:-/tmp/gpu_suite}
+BUDGET_S=${BUDGET_S:-540}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/suite.txt") 2>&1
+
+if ! python3 -c "import stable_baselines3, highway_env, jsonargparse" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD SDL_VIDEODRIVER=dummy PYTHONUNBUFFERED=1
+
+if [ "$DEVICE" = cuda ]; then
+  LEARNER="--device cuda"                       # 3 rounds x 500 timed updates at batch 256, each side
+  LEARNER_CPU="--device cpu --rounds 2 --updates 10"
+  COLLECT="--max-procs $(nproc) --seconds 8"
+  E2E="--device cuda --num-envs 8 --learning-starts 1000 --updates 3000"
+else
+  LEARNER="--device cpu --rounds 1 --updates 2 --warmup 1 --batch-size 32 --transitions 300"
+  LEARNER_CPU="$LEARNER"
+  COLLECT="--max-procs 2 --seconds 2"
+  E2E="--device cpu --learning-starts 20 --updates 4 --batch-size 32"
+fi
+
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  if ((SECONDS + limit > BUDGET_S)); then
+    echo "== $name: SKIPPED ($SECONDS s used, it may take $limit s, budget $BUDGET_S s)"
+    return
+  fi
+  echo "== $name ($SECONDS s): $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | grep -v -E "Warning|warnings.warn|^ *warn\(|^$"
+  echo "-- $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+}
+
+step info 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc;
+  python3 -c 'import torch, pytorch_lightning, stable_baselines3; print(\"torch\", torch.__version__,
+  \"lightning\", pytorch_lightning.__version__, \"sb3\", stable_baselines3.__version__, \"cuda\", torch.cuda.is_available())'"
+step learner 150 python3 bench/learner.py $LEARNER
+step learner_channels_last_bf16 150 python3 bench/learner.py $LEARNER --channels-last --bf16-cnn
+step learner_compile 200 python3 bench/learner.py $LEARNER --channels-last --bf16-cnn --compile
+step collect 120 python3 bench/collect.py $COLLECT
+step e2e 240 python3 bench/e2e.py $E2E
+step learner_cpu 90 python3 bench/learner.py $LEARNER_CPU
+echo "== done in $SECONDS s"
