@@ -1,18 +1,20 @@
 """Collection throughput: env steps/s with 1, 2, 4, ... N env processes, and how close N get to N x one.
 
-    python bench/collect.py [--max-procs N] [--seconds 20] [--scenario 1] [--layout curvy]
+    python bench/collect.py [--max-procs N] [--seconds 20] [--rounds 5] [--scenario 1] [--layout curvy]
 
 Each setting builds the vector env exactly as the `Collector` does (`make_vector_env`: one env in-process, or
 N subprocess envs with SAME_STEP autoreset), steps our `DrivingEnv` (highway backend, 4x84x84 image
 observations) with uniform random actions, episode resets included, for `--seconds` after a few untimed steps,
-and prints env steps/s and the scaling ratio steps/s(N) / (N x steps/s(1)). Only meaningful up to the number
-of free cores: on a shared machine, other processes' load lowers the ratio.
+in `--rounds` blocks taken in turns over the N (median block), and prints env steps/s and the scaling ratio
+steps/s(N) / (N x steps/s(1)). Only meaningful up to the number of free cores: on a shared machine, other
+processes' load lowers the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -27,20 +29,17 @@ from lightning_td3.envs import EnvConfig  # noqa: E402
 UNTIMED_STEPS = 5
 
 
-def steps_per_second(config: EnvConfig, processes: int, seconds: float, seed: int) -> float:
-    envs = make_vector_env(config, processes, asynchronous=True)
-    rng = np.random.default_rng(seed)
-    envs.reset(seed=seed)
-    for _ in range(UNTIMED_STEPS):
-        envs.step(rng.uniform(-1, 1, (processes, 2)).astype(np.float32))
+def random_actions(envs, rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(-1, 1, (envs.num_envs, 2)).astype(np.float32)
+
+
+def steps_per_second(envs, seconds: float, rng: np.random.Generator) -> float:
     steps = 0
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
-        envs.step(rng.uniform(-1, 1, (processes, 2)).astype(np.float32))
-        steps += processes
-    elapsed = time.perf_counter() - start
-    envs.close()
-    return steps / elapsed
+        envs.step(random_actions(envs, rng))
+        steps += envs.num_envs
+    return steps / (time.perf_counter() - start)
 
 
 def process_counts(max_procs: int) -> list[int]:
@@ -53,8 +52,10 @@ def process_counts(max_procs: int) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-procs", type=int, default=os.cpu_count(), help="largest N (default: core count); N = 1, 2, 4, ... and N")
-    parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds per N")
+    parser.add_argument("--max-procs", type=int, default=os.cpu_count(),
+                        help="largest N (default: the core count); N = 1, 2, 4, ... and this")
+    parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds per N, in all")
+    parser.add_argument("--rounds", type=int, default=5, help="timed blocks per N, taken in turns")
     parser.add_argument("--scenario", type=int, default=1)
     parser.add_argument("--layout", default="curvy")
     parser.add_argument("--seed", type=int, default=0)
@@ -63,15 +64,28 @@ def main() -> None:
     config = EnvConfig(scenario=args.scenario, layout=args.layout)
 
     print(f"DrivingEnv highway scenario {args.scenario} {args.layout}, image obs; {os.cpu_count()} cores; "
-          f"{args.seconds:.0f} s per setting")
-    single = None
-    for processes in process_counts(args.max_procs):
-        rate = steps_per_second(config, processes, args.seconds, args.seed)
-        single = single or rate
+          f"{args.seconds:.0f} s per N in {args.rounds} blocks")
+    rng = np.random.default_rng(args.seed)
+    counts = process_counts(args.max_procs)
+    all_envs = {}
+    for processes in counts:
+        all_envs[processes] = envs = make_vector_env(config, processes, asynchronous=True)
+        envs.reset(seed=args.seed)
+        for _ in range(UNTIMED_STEPS):
+            envs.step(random_actions(envs, rng))
+    # Short blocks in turns, so a change in the machine's load hits every N alike; the median block counts.
+    rates = {processes: [] for processes in counts}
+    for _ in range(args.rounds):
+        for processes in counts:
+            rates[processes].append(steps_per_second(all_envs[processes], args.seconds / args.rounds, rng))
+    for envs in all_envs.values():
+        envs.close()
+    single = statistics.median(rates[1])
+    for processes in counts:
+        rate = statistics.median(rates[processes])
         where = "in-process" if processes == 1 else "subprocesses"
         print(f"envs {processes} ({where}): {rate:.1f} env steps/s, scaling {rate / (processes * single):.2f} "
               f"of {processes} x one")
-
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,8 @@
 4. Times `sample(256)` on the big buffer.
 
 Usage: python bench/replay_memory.py [--env-transitions N] [--synthetic-transitions N] [--seed S]
+"""
+
 from __future__ import annotations
 
 import argparse
