@@ -36,13 +36,13 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def fit_config(args, env: dict, vector_size: int) -> dict:
+def fit_config(args, env: dict, vector_size: int, folder: str) -> dict:
     speedups = {name: True for name in ("compile", "bf16_cnn", "channels_last") if getattr(args, name)}
     return {
         "seed_everything": args.seed,
         "trainer": {
             "accelerator": "gpu" if args.device == "cuda" else "cpu", "devices": 1,
-            "max_epochs": 1, "limit_train_batches": args.updates, "limit_val_batches": 0,
+            "default_root_dir": folder, "max_epochs": 1, "limit_train_batches": args.updates, "limit_val_batches": 0,
             "num_sanity_val_steps": 0, "logger": False, "enable_checkpointing": False,
             "enable_progress_bar": False, "enable_model_summary": False,
             "callbacks": [{"class_path": "lightning_td3.collector.Collector", "init_args": {
@@ -62,7 +62,7 @@ def run_ours(args, env: dict, vector_size: int) -> tuple[float, float, int, int]
 
     with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "e2e.yaml"
-        config.write_text(yaml.safe_dump(fit_config(args, env, vector_size)))
+        config.write_text(yaml.safe_dump(fit_config(args, env, vector_size, folder)))
         wall, cpu = time.perf_counter(), cpu_seconds()
         trainer = cli.main(["fit", "--config", str(config)]).trainer
         wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
