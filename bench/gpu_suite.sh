@@ -48,6 +48,7 @@ step info 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --
   python3 -c 'import torch, pytorch_lightning, stable_baselines3; print(\"torch\", torch.__version__,
   \"lightning\", pytorch_lightning.__version__, \"sb3\", stable_baselines3.__version__, \"cuda\", torch.cuda.is_available())'"
 step learner 150 python3 bench/learner.py $LEARNER
+step learner_fixed_batch 90 python3 bench/learner.py $LEARNER --skip-sb3 --fixed-batch
 step learner_channels_last_bf16 150 python3 bench/learner.py $LEARNER --channels-last --bf16-cnn
 step learner_compile 200 python3 bench/learner.py $LEARNER --channels-last --bf16-cnn --compile
 step collect 120 python3 bench/collect.py $COLLECT

@@ -16,6 +16,7 @@ machine hits both alike); each round times `--updates` updates after `--warmup` 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -117,6 +118,9 @@ def main() -> None:
     parser.add_argument("--bf16-cnn", action="store_true", help="TD3(bf16_cnn=True): bf16 autocast CNNs (CUDA)")
     parser.add_argument("--channels-last", action="store_true", help="TD3(channels_last=True)")
     parser.add_argument("--skip-sb3", action="store_true", help="time ours only (no ratio)")
+    parser.add_argument("--fixed-batch", action="store_true",
+                        help="feed ours one sampled batch over and over (still copied to the device each update): "
+                             "the update alone, without replay sampling; use with --skip-sb3")
     args = parser.parse_args()
     args.updates = args.updates or (500 if args.device == "cuda" else 30)
     args.warmup = args.warmup or (50 if args.device == "cuda" else 4)
@@ -139,11 +143,14 @@ def main() -> None:
     buffer = filled_buffers(args.transitions, vector_size, sb3_model and sb3_model.replay_buffer, seed=0)
     stream = ReplayStream(buffer, args.batch_size, np.random.default_rng(1))
     loader = DataLoader(stream, batch_size=None, num_workers=0, pin_memory=args.device == "cuda")
+    if args.fixed_batch:
+        loader = itertools.repeat(next(iter(loader)))
     speedups = {name: True for name in ("compile", "bf16_cnn", "channels_last") if getattr(args, name)}
     module = TD3(vector_size=vector_size, log_every_n_updates=100, log_images_every_n_updates=10**9, **speedups)
 
     print(f"device: {device_name(args.device)}; batch {args.batch_size}; {args.rounds} rounds x {args.updates} "
-          f"timed updates ({args.warmup} warm-up); TD3 options: {speedups or 'defaults'}")
+          f"timed updates ({args.warmup} warm-up); TD3 options: {speedups or 'defaults'}"
+          + ("; ours on one fixed batch (no replay sampling)" if args.fixed_batch else ""))
     ours_rates, sb3_rates = [], []
     for round_index in range(args.rounds):
         ours_rates.append(time_ours(module, loader, args))
