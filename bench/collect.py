@@ -69,7 +69,7 @@ def main() -> None:
     counts = process_counts(args.max_procs)
     all_envs = {}
     for processes in counts:
-        all_envs[processes] = envs = make_vector_env(config, processes, asynchronous=True)
+        all_envs[processes] = envs = make_vector_env([config] * processes, asynchronous=True)
         envs.reset(seed=args.seed)
         for _ in range(UNTIMED_STEPS):
             envs.step(random_actions(envs, rng))
