@@ -7,6 +7,11 @@ the goal are terminal.
 
 Under DDP every process runs its own Collector: its own envs, replay shard, warm-up and updates-per-step ratio,
 counted in its own env steps; the module sums the counters over the processes when it logs them.
+
+A simulator that fails mid-episode (a CARLA time-out, any exception from an env's step or reset) costs the open
+episodes of the vector env: they are closed in replay without a next observation (so no target bootstraps across
+the gap), the envs are rebuilt and collection goes on. After `max_env_failures` failures in a row the run writes
+`last.ckpt` and stops with `TrainingAborted`.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import pytorch_lightning as pl
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
+from lightning_td3.checkpointing import arrays_to_tensors, save_last_checkpoint, tensors_to_arrays
 from lightning_td3.envs import DrivingEnv, EnvConfig
-from lightning_td3.errors import ConfigError, require
+from lightning_td3.errors import ConfigError, TrainingAborted, require
 from lightning_td3.evaluation import EpisodeResult
+from lightning_td3.fault_tolerance import check_stop_request
 from lightning_td3.per_process import gather_per_process, own_state
 from lightning_td3.seeding import stream_rng, stream_seed
 
@@ -51,6 +57,7 @@ class Collector(pl.Callback):
         exploration_noise: std of the Gaussian noise added to the actor's actions.
         updates_per_step: TD3 updates per env step (of this process's envs) after warm-up.
         async_envs: step the envs in subprocesses (one per env) when there are several.
+        max_env_failures: env failures in a row (rebuilds included) after which the run stops with a checkpoint.
     """
 
     def __init__(
@@ -59,6 +66,7 @@ class Collector(pl.Callback):
         exploration_noise: float = 0.1,
         updates_per_step: float = 1.0,
         async_envs: bool = True,
+        max_env_failures: int = 5,
     ) -> None:
         require(
             isinstance(learning_starts, int) and learning_starts >= 1,
@@ -66,10 +74,17 @@ class Collector(pl.Callback):
         )
         require(exploration_noise >= 0, "Collector.exploration_noise", ">= 0", exploration_noise)
         require(updates_per_step > 0, "Collector.updates_per_step", "> 0", updates_per_step)
+        require(
+            isinstance(max_env_failures, int) and max_env_failures >= 1,
+            "Collector.max_env_failures", "an integer >= 1", max_env_failures,
+        )
         self.learning_starts = learning_starts
         self.exploration_noise = exploration_noise
         self.updates_per_step = updates_per_step
         self.async_envs = async_envs
+        self.max_env_failures = max_env_failures
+        self.env_failures = 0  # in all, this process's; saved with the checkpoint
+        self._failures_in_a_row = 0
         self.envs: VectorEnv | None = None
         self._obs: dict[str, np.ndarray] | None = None
         self._rng: np.random.Generator | None = None
@@ -98,6 +113,7 @@ class Collector(pl.Callback):
             self._obs, _ = self.envs.reset(seed=stream_seed("train_envs", trainer.global_rank) % 2**31)
         self._clock = (time.perf_counter(), module.run_env_steps)
         while module.env_steps < self.learning_starts:
+            check_stop_request(module.env_steps)  # warm-up can take hours: a stop signal must not wait for it
             self._collect(trainer, module)
             if module.env_steps % WARMUP_REPORT_EVERY < self.envs.num_envs:
                 rank_zero_info(f"warm-up: {module.env_steps}/{self.learning_starts} random env steps")
@@ -124,9 +140,7 @@ class Collector(pl.Callback):
         return self._env_seconds / self._batch_seconds if self._batch_seconds else 0.0
 
     def teardown(self, trainer: pl.Trainer, module, stage: str) -> None:
-        if self.envs is not None:
-            self.envs.close()
-            self.envs = None
+        self._close_envs()
 
     # --- collection --------------------------------------------------------------------------------------------
 
@@ -138,7 +152,12 @@ class Collector(pl.Callback):
             noise = self._rng.normal(0.0, self.exploration_noise, (num_envs, 2))
             actions = np.clip(module.act(self._obs) + noise, -1.0, 1.0).astype(np.float32)
         started = time.perf_counter()
-        obs, reward, terminated, truncated, info = self.envs.step(actions)
+        try:
+            obs, reward, terminated, truncated, info = self.envs.step(actions)
+        except Exception as error:  # whatever the simulator raised: the run goes on without this step
+            self._recover(trainer, module, error)
+            return
+        self._failures_in_a_row = 0
         done = terminated | truncated
         next_obs = _with_final_observations(obs, info, done)
         trainer.datamodule.buffer.add(self._obs, actions, reward, next_obs, terminated, truncated)
@@ -147,6 +166,48 @@ class Collector(pl.Callback):
         module.env_steps += num_envs
         if done.any():
             self._record_episodes(module, info["final_info"], np.flatnonzero(done))
+
+    def _recover(self, trainer: pl.Trainer, module, error: Exception) -> None:
+        """Drop the open episodes, rebuild the envs and reset them; `TrainingAborted` after too many failures.
+
+        The whole vector env is rebuilt: a vector step is all or nothing, so the envs that did step are out of
+        step with what the buffer holds, as is the one that crashed.
+        """
+        data = trainer.datamodule
+        for env_index in range(data.buffer.num_envs):
+            data.buffer.drop_episode(env_index)
+        while True:
+            self.env_failures += 1
+            self._failures_in_a_row += 1
+            module.log_vs_env_steps({"train/env_failures": float(self.env_failures)})
+            self._close_envs()
+            if self._failures_in_a_row >= self.max_env_failures:
+                path = save_last_checkpoint(trainer)
+                raise TrainingAborted(
+                    f"the training envs failed {self._failures_in_a_row} times in a row (Collector.max_env_failures="
+                    f"{self.max_env_failures}) at env step {module.env_steps}; last error: "
+                    f"{type(error).__name__}: {error}. Checkpoint written to {path}; once the simulator works "
+                    "again, resume with `fit --ckpt_path last`"
+                ) from error
+            rank_zero_warn(
+                f"training env failed at env step {module.env_steps} ({type(error).__name__}: {error}); open episodes "
+                f"dropped, envs rebuilt ({self._failures_in_a_row}/{self.max_env_failures} failures in a row)"
+            )
+            try:
+                self.envs = make_vector_env(data.env_configs, self.async_envs)
+                self._obs, _ = self.envs.reset(seed=int(self._rng.integers(2**31)))
+                return
+            except Exception as rebuild_error:
+                error = rebuild_error
+
+    def _close_envs(self) -> None:
+        if self.envs is None:
+            return
+        try:
+            self.envs.close()
+        except Exception as why:  # a crashed simulator may not close cleanly; its replacement is built anyway
+            rank_zero_warn(f"closing the failed training envs raised {type(why).__name__}: {why}")
+        self.envs = None
 
     def _record_episodes(self, module, final_info: dict, finished: np.ndarray) -> None:
         for index in finished:
@@ -169,22 +230,24 @@ class Collector(pl.Callback):
 
     def state_dict(self) -> dict:
         """Every process's envs, observations and noise RNG (each process its own), in rank order."""
-        if self.envs is None:
+        if self._rng is None:
             return {}
         return {"per_process": gather_per_process(self._own_state())}
 
     def _own_state(self) -> dict:
-        try:
-            # Pickled: simulator objects are not tensors, and bytes pass Lightning's weights_only loading.
-            env_states = pickle.dumps(list(self.envs.get_attr("simulator_state")))
-        except NotImplementedError as why:
-            rank_zero_warn(f"env state is not saved ({why}); a resumed run restarts its training episodes")
-            env_states = None
+        env_states = None  # no envs (they failed and were closed): a resumed run starts new episodes
+        if self.envs is not None:
+            try:
+                # Pickled: simulator objects are not tensors, and bytes pass Lightning's weights_only loading.
+                env_states = pickle.dumps(list(self.envs.get_attr("simulator_state")))
+            except NotImplementedError as why:
+                rank_zero_warn(f"env state is not saved ({why}); a resumed run restarts its training episodes")
         return {
             "obs": arrays_to_tensors(self._obs),
             "env_states": env_states,
             "rng": self._rng.bit_generator.state,
             "last_return": self._last_return,
+            "env_failures": self.env_failures,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -194,6 +257,7 @@ class Collector(pl.Callback):
     def _resume(self, state: dict, buffer, rank: int) -> None:
         self._rng.bit_generator.state = state["rng"]
         self._last_return = state["last_return"]
+        self.env_failures = state["env_failures"]
         if state["env_states"] is None:
             for env_index in range(self.envs.num_envs):
                 buffer.drop_episode(env_index)

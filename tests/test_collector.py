@@ -4,12 +4,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from lightning_td3.collector import Collector, make_vector_env
 from lightning_td3.envs import EnvConfig
-from lightning_td3.errors import ConfigError
+from lightning_td3.errors import ConfigError, TrainingAborted
 from lightning_td3.evaluation import EvaluationMetrics
 from lightning_td3.replay import ReplayBuffer
+from tests.faults import SIMULATOR_TIMEOUT, FaultPlan, install
+from tests.tiny_run import fit
 
 
 class RecordingBuffer(ReplayBuffer):
@@ -30,9 +33,13 @@ class RecordingModule:
     def __init__(self):
         self.env_steps = self.episodes = self.updates = 0
         self.train_episode_metrics = EvaluationMetrics(prefix="train/")
+        self.logged = []
 
     def act(self, observation):
         return np.zeros((len(observation["vector"]), 2), np.float32)
+
+    def log_vs_env_steps(self, scalars):
+        self.logged.append(scalars)
 
 
 def _copy(value):
@@ -94,8 +101,75 @@ def assert_samples_are_stored_transitions(buffer: RecordingBuffer) -> None:
 
 @pytest.mark.parametrize(
     "field,value",
-    [("learning_starts", 0), ("exploration_noise", -0.1), ("updates_per_step", 0.0)],
+    [("learning_starts", 0), ("exploration_noise", -0.1), ("updates_per_step", 0.0), ("max_env_failures", 0)],
 )
 def test_bad_collector_settings_are_rejected_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=f"Collector.{field}"):
         Collector(**{field: value})
+
+
+def collector_on(config, num_envs: int, buffer, module, **settings):
+    collector = Collector(learning_starts=10**6, async_envs=False, **settings)
+    data = SimpleNamespace(buffer=buffer, env_configs=[config] * num_envs)
+    trainer = SimpleNamespace(datamodule=data, global_rank=0)
+    collector.envs = make_vector_env(data.env_configs, asynchronous=False)
+    collector._rng = np.random.default_rng(0)
+    collector._obs, _ = collector.envs.reset(seed=3)
+    return collector, trainer
+
+
+def test_a_simulator_crash_mid_episode_drops_the_open_episodes_rebuilds_the_envs_and_goes_on(monkeypatch):
+    plan = install(monkeypatch, FaultPlan(crash_steps={7}))  # vector step 4, env 0: mid-episode
+    config = EnvConfig(scenario=0, route_length_m=150.0, max_steps=30, num_waypoints=5)
+    buffer, module = RecordingBuffer(400, num_envs=2, vector_size=config.vector_size), RecordingModule()
+    collector, trainer = collector_on(config, 2, buffer, module)
+
+    for _ in range(10):
+        collector._collect(trainer, module)
+    collector.envs.close()
+
+    assert plan.crashes == 1 and collector.env_failures == 1
+    assert len(buffer.calls) == 9 and module.env_steps == 18  # the crashed step added and counted nothing
+    assert len(buffer) == 18
+    assert module.logged[-1] == {"train/env_failures": 1.0}
+    # Every transition the buffer hands out is one step an env really made: none bridges the crash, where the
+    # next observation would come from the rebuilt env's new episode.
+    emitted = {
+        (call["obs"]["vector"][env].tobytes(), call["next_obs"]["vector"][env].tobytes())
+        for call in buffer.calls for env in range(2)
+    }
+    batch = buffer.sample(500, np.random.default_rng(1))
+    for vector, next_vector in zip(batch["vector"], batch["next_vector"]):
+        assert (vector.tobytes(), next_vector.tobytes()) in emitted
+
+
+def test_a_failing_rebuild_counts_as_another_failure_in_a_row(monkeypatch):
+    # Step 3 crashes, then the first reset of the rebuilt envs crashes too; the second rebuild works.
+    plan = install(monkeypatch, FaultPlan(crash_steps={3}, crash_resets={3}))
+    config = EnvConfig(scenario=0, route_length_m=150.0, max_steps=30, num_waypoints=5)
+    buffer, module = RecordingBuffer(400, num_envs=2, vector_size=config.vector_size), RecordingModule()
+    collector, trainer = collector_on(config, 2, buffer, module, max_env_failures=3)
+
+    for _ in range(4):
+        collector._collect(trainer, module)
+    collector.envs.close()
+
+    assert plan.crashes == 2 and collector.env_failures == 2
+    assert module.env_steps == 6
+
+
+def test_failures_in_a_row_stop_the_run_with_a_checkpoint_that_resumes(monkeypatch, tmp_path):
+    # The simulator goes away for good after warm-up (30 env steps = 30 backend steps with 2 envs).
+    plan = install(monkeypatch, FaultPlan(crash_from_step=36))
+    collector_setting = {"trainer.callbacks.0.init_args.max_env_failures": 3}
+    with pytest.raises(TrainingAborted, match="failed 3 times in a row .* Checkpoint written to") as aborted:
+        fit(tmp_path, **collector_setting)
+    assert SIMULATOR_TIMEOUT in str(aborted.value)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["callbacks"]["Collector"]["per_process"][0]["env_failures"] == 3
+    assert 0 < saved["td3_progress"]["updates"] < 6
+
+    plan.crash_from_step = None  # the simulator is back
+    result = fit(tmp_path, "--ckpt_path", "last", **collector_setting)
+    assert result.model.updates == 6

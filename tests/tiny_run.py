@@ -47,7 +47,7 @@ def tiny_config(run_dir: Path, **overrides) -> Path:
         node = config
         *parents, leaf = dotted.split(".")
         for key in parents:
-            node = node[key]
+            node = node[int(key)] if isinstance(node, list) else node[key]  # e.g. trainer.callbacks.0.init_args
         node[leaf] = value
     path = run_dir / "tiny.yaml"
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,71 @@
+"""Test doubles that inject simulator faults: a highway backend whose calls fail as a dying CARLA server's would."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lightning_td3.envs.highway_backend import HighwayBackend
+
+SIMULATOR_TIMEOUT = "time-out of 10000ms while waiting for the simulator (raised by the CrashingBackend test double)"
+
+
+@dataclass
+class FaultPlan:
+    """Which backend calls fail, counted over all backends of the process (calls are numbered from 1).
+
+    crash_steps / crash_resets: the step / reset calls that raise; crash_from_step: every step call from this one
+    on raises, and so does every reset after it (a simulator that is gone for good); step_crash_rate: each
+    step raises with this probability (drawn from `seed`).
+    """
+
+    crash_steps: set[int] = field(default_factory=set)
+    crash_resets: set[int] = field(default_factory=set)
+    crash_from_step: int | None = None
+    step_crash_rate: float = 0.0
+    seed: int = 0
+    steps: int = 0
+    resets: int = 0
+    crashes: int = 0
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+
+    def step(self) -> None:
+        self.steps += 1
+        gone = self.crash_from_step is not None and self.steps >= self.crash_from_step
+        if self.steps in self.crash_steps or gone or self._rng.random() < self.step_crash_rate:
+            self._crash()
+
+    def reset(self) -> None:
+        self.resets += 1
+        gone = self.crash_from_step is not None and self.steps >= self.crash_from_step
+        if self.resets in self.crash_resets or gone:
+            self._crash()
+
+    def _crash(self) -> None:
+        self.crashes += 1
+        raise RuntimeError(SIMULATOR_TIMEOUT)
+
+
+class CrashingBackend(HighwayBackend):
+    """Test double: the real highway backend, except that the calls its `FaultPlan` names raise."""
+
+    def __init__(self, config, plan: FaultPlan):
+        super().__init__(config)
+        self.plan = plan
+
+    def reset(self, seed: int) -> None:
+        self.plan.reset()
+        super().reset(seed)
+
+    def step(self, steer: float, throttle_brake: float) -> None:
+        self.plan.step()
+        super().step(steer, throttle_brake)
+
+
+def install(monkeypatch, plan: FaultPlan) -> FaultPlan:
+    """Every DrivingEnv built from now on (in this process) gets a CrashingBackend following `plan`."""
+    monkeypatch.setattr("lightning_td3.envs.contract.make_backend", lambda config: CrashingBackend(config, plan))
+    return plan
