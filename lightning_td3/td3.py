@@ -20,10 +20,10 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
+from lightning_td3.checkpointing import arrays_to_tensors, save_last_checkpoint, tensors_to_arrays
 from lightning_td3.driving_module import DrivingModule
 from lightning_td3.envs import DrivingEnv
-from lightning_td3.errors import CheckpointError, ConfigError, require
+from lightning_td3.errors import CheckpointError, ConfigError, TrainingAborted, require
 from lightning_td3.evaluation import EvaluationMetrics, Policy
 from lightning_td3.export import ACTOR_ONLY_KEY
 from lightning_td3.networks import Actor, TwinCritic
@@ -73,6 +73,9 @@ class TD3(DrivingModule):
         compile: `torch.compile` the CNNs and heads (the first updates pay for compilation).
         bf16_cnn: run the CNNs under bfloat16 autocast (meant for CUDA); heads, Q values, targets and losses stay
             float32, where bf16's 8-bit mantissa would blur TD targets.
+        max_nonfinite_updates: updates in a row skipped for a NaN/Inf loss or gradient (a NaN/Inf in the batch
+            shows there too) after which the run writes a checkpoint and stops. A skipped update steps no optimizer
+            and no target (an actor failure comes after the critic's step, which stays).
     """
 
     def __init__(
@@ -93,12 +96,17 @@ class TD3(DrivingModule):
         channels_last: bool = False,
         compile: bool = False,
         bf16_cnn: bool = False,
+        max_nonfinite_updates: int = 100,
     ) -> None:
         super().__init__()
         require(0.0 <= gamma < 1.0, "model.gamma", "in [0, 1)", gamma)
         require(0.0 < tau <= 1.0, "model.tau", "in (0, 1]", tau)
         require(
             isinstance(policy_delay, int) and policy_delay >= 1, "model.policy_delay", "an integer >= 1", policy_delay
+        )
+        require(
+            isinstance(max_nonfinite_updates, int) and max_nonfinite_updates >= 1,
+            "model.max_nonfinite_updates", "an integer >= 1", max_nonfinite_updates,
         )
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -120,6 +128,9 @@ class TD3(DrivingModule):
         self.env_steps = 0
         self.episodes = 0
         self.updates = 0
+        self.skipped_updates = 0
+        # Updates skipped in a row, and the update and env step where that streak began.
+        self._skipped_in_a_row, self._streak_start = 0, (0, 0)
         # The whole run's env steps and episodes (summed over processes) as of the last time scalars were logged.
         self.run_env_steps = 0
         self.run_episodes = 0
@@ -159,16 +170,26 @@ class TD3(DrivingModule):
             target_q = clipped_double_q_target(batch["reward"], batch["terminated"], next_q1, next_q2, hp.gamma)
         q1, q2 = self.critic(image, vector, action)
         critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
-        critic_grad_norm = self._step(critic_optimizer, critic_loss, self.critic)
+        critic_grad_norm = self._backward(critic_optimizer, critic_loss, self.critic)
+        # A NaN/Inf in the batch or a diverging critic must not reach the weights (one host sync).
+        if not _finite(critic_loss, critic_grad_norm):
+            self._skip_update(critic_optimizer)
+            return
+        self._clip_and_step(critic_optimizer)
 
         # Actor (delayed): follow the first critic's gradient, then let the targets trail the online nets.
         actor_loss = actor_grad_norm = None
         if self.updates % hp.policy_delay == 0:
             with self.toggled_optimizer(actor_optimizer):  # the critic is followed here, not trained: no grads
                 actor_loss = -self.critic.q1(image, vector, self.actor(image, vector)).mean()
-                actor_grad_norm = self._step(actor_optimizer, actor_loss, self.actor)
+                actor_grad_norm = self._backward(actor_optimizer, actor_loss, self.actor)
+                if not _finite(actor_loss, actor_grad_norm):  # a second sync, on actor updates only
+                    self._skip_update(actor_optimizer)
+                    return
+                self._clip_and_step(actor_optimizer)
             _polyak_update(self.actor, self.actor_target, hp.tau)
             _polyak_update(self.critic, self.critic_target, hp.tau)
+        self._skipped_in_a_row = 0
 
         # Logging on multiples of the policy delay catches an actor update too.
         if self.updates % hp.log_every_n_updates == 0:
@@ -199,6 +220,7 @@ class TD3(DrivingModule):
             "episodes": sum(episodes for _, episodes in per_process),
             "per_process": per_process,
             "updates": self.updates,
+            "skipped_updates": self.skipped_updates,
             # The same on every process: seeded alike and drawn from alike (the target smoothing noise).
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -222,6 +244,7 @@ class TD3(DrivingModule):
         self.run_env_steps = progress["env_steps"]
         self.run_episodes = progress["episodes"]
         self.updates = progress["updates"]
+        self.skipped_updates = progress.get("skipped_updates", 0)  # absent from checkpoints before it was counted
         if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:  # evaluation needs no more
             self.env_steps, self.episodes = own_state(self.trainer, progress["per_process"], "the counters")
         rng = progress["rng"]
@@ -286,14 +309,33 @@ class TD3(DrivingModule):
         batch, _, _ = next(dataloader_iter)
         return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
 
-    def _step(self, optimizer, loss: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+    def _backward(self, optimizer, loss: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         # Measured before clipping, so the log shows how hard clipping works.
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in network.parameters() if p.grad is not None])
+        return torch.nn.utils.get_total_norm([p.grad for p in network.parameters() if p.grad is not None])
+
+    def _clip_and_step(self, optimizer) -> None:
         self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
-        return grad_norm
+
+    def _skip_update(self, optimizer) -> None:
+        """No (further) optimizer step, no target update; counted and logged; too many in a row stop the run."""
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped_updates += 1
+        if self._skipped_in_a_row == 0:
+            self._streak_start = (self.updates, self.env_steps)
+        self._skipped_in_a_row += 1
+        self.log_vs_env_steps({"train/skipped_updates": float(self.skipped_updates)})
+        if self._skipped_in_a_row >= self.hparams.max_nonfinite_updates:
+            path = save_last_checkpoint(self.trainer)
+            update, env_step = self._streak_start
+            raise TrainingAborted(
+                f"{self._skipped_in_a_row} updates in a row had a NaN/Inf loss or gradient "
+                f"(model.max_nonfinite_updates={self.hparams.max_nonfinite_updates}), starting at update {update}, "
+                f"env step {env_step}; the weights are those before it. Checkpoint written to {path}. Look for "
+                "NaN/Inf in observations or rewards, or lower the learning rates, then resume with `fit --ckpt_path last`"
+            )
 
     def _log_update(self, critic_loss, actor_loss, q1, critic_grad_norm, actor_grad_norm) -> None:
         unlogged_episodes = self._sync_run_totals()
@@ -403,6 +445,10 @@ def _frozen_copy(network: torch.nn.Module) -> torch.nn.Module:
     target = copy.deepcopy(network)
     target.requires_grad_(False)
     return target
+
+
+def _finite(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    return bool(torch.isfinite(loss.detach() + grad_norm).item())
 
 
 @torch.no_grad()

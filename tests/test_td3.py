@@ -5,7 +5,10 @@ import itertools
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_td3.errors import TrainingAborted
 from lightning_td3.td3 import TD3, clipped_double_q_target, smoothed_target_action
 
 VECTOR = 54
@@ -135,3 +138,73 @@ def test_speed_options_keep_the_checkpoint_layout_and_the_math():
     assert gradients[0].keys() == gradients[1].keys()
     for name, expected in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], expected, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def batch_with(**changes) -> dict[str, torch.Tensor]:
+    batch = fixed_batch()
+    for name, (index, value) in changes.items():
+        batch[name][index] = value
+    return batch
+
+
+def fit_on(module: TD3, batch: dict, updates: int = 1, **trainer_args) -> pl.Trainer:
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=updates, limit_val_batches=0, enable_progress_bar=False,
+        enable_model_summary=False, **{"logger": False, "enable_checkpointing": False, **trainer_args},
+    )
+    trainer.fit(module, train_dataloaders=itertools.repeat(batch))
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"vector": ((0, 3), float("nan"))},  # an observation
+        {"next_vector": ((2, 0), float("inf"))},  # a next observation: reaches the loss through the target
+        {"reward": (1, float("nan"))},
+    ],
+)
+def test_a_non_finite_batch_skips_the_whole_update_and_logs_it(changes, tmp_path):
+    torch.manual_seed(0)
+    module = TD3(vector_size=VECTOR, hidden_sizes=(32,))
+    module.env_steps = 500
+    networks = (module.actor, module.critic, module.actor_target, module.critic_target)
+    before = [snapshot(network) for network in networks]
+
+    trainer = fit_on(module, batch_with(**changes), logger=TensorBoardLogger(tmp_path, name="nan"))
+
+    assert not any(changed(old, network) for old, network in zip(before, networks))
+    assert all(not optimizer.state for optimizer in trainer.optimizers), "no optimizer may step"
+    assert module.updates == 0 and module.skipped_updates == 1
+    events = EventAccumulator(trainer.logger.log_dir).Reload()
+    (point,) = events.Scalars("train/skipped_updates_vs_env_steps")
+    assert (point.step, point.value) == (500, 1.0)
+
+
+def test_a_non_finite_actor_loss_skips_the_actor_step_and_the_targets():
+    torch.manual_seed(0)
+    module = TD3(vector_size=VECTOR, hidden_sizes=(32,))
+    with torch.no_grad():
+        module.actor.head[-1].bias.fill_(float("nan"))  # the online actor diverged; its target has not
+    actor, critic = snapshot(module.actor), snapshot(module.critic)
+    targets = snapshot(module.actor_target) + snapshot(module.critic_target)
+
+    fit_on(module, fixed_batch())
+
+    assert changed(critic, module.critic), "the critic's step came first and stays"
+    assert all(torch.equal(old, new) for old, new in zip(actor, module.actor.parameters()) if old.isfinite().all())
+    assert not changed(targets, torch.nn.ModuleList([module.actor_target, module.critic_target]))
+    assert module.updates == 0 and module.skipped_updates == 1
+
+
+def test_non_finite_updates_in_a_row_stop_the_run_with_a_checkpoint_saying_where_they_began(tmp_path):
+    torch.manual_seed(0)
+    module = TD3(vector_size=VECTOR, hidden_sizes=(32,), max_nonfinite_updates=3)
+    module.updates, module.env_steps = 10, 1234
+    with pytest.raises(TrainingAborted, match="3 updates in a row .* starting at update 10, env step 1234"):
+        fit_on(module, batch_with(vector=((0, 0), float("nan"))), updates=5,
+               default_root_dir=tmp_path, enable_checkpointing=True)
+    (checkpoint,) = tmp_path.rglob("last.ckpt")
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["td3_progress"]["skipped_updates"] == 3 and saved["td3_progress"]["updates"] == 10
+    assert all(torch.isfinite(value).all() for value in saved["state_dict"].values())
