@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lightning_td3.errors import CheckpointError
+from lightning_td3.errors import CheckpointError, StorageError
 
 
 @contextmanager
@@ -29,16 +29,20 @@ def atomic_write(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     checkpoint or replay pattern matches; a crash mid-write leaves it behind and the previous file intact.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as file:
             yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as failure:
         temporary.unlink(missing_ok=True)
+        if isinstance(failure, OSError) and not isinstance(failure, StorageError):
+            raise StorageError(
+                f"could not write {path} ({failure.strerror or failure}); the previous file is intact"
+            ) from failure
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
@@ -67,6 +71,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"checkpoint {path} is damaged or truncated and cannot be loaded ({why}); "
                 "resume from an earlier checkpoint"
             ) from None
+
+
+def save_last_checkpoint(trainer) -> Path:
+    """Write `last.ckpt` now, where `--ckpt_path last` finds it (the ModelCheckpoint's directory); return its path."""
+    callback = trainer.checkpoint_callback
+    directory = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
+    path = directory / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return path
 
 
 def arrays_to_tensors(tree: Any) -> Any:

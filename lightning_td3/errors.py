@@ -17,3 +17,28 @@ def require(ok: bool, name: str, allowed: str, got: object) -> None:
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint file cannot serve here: another kind of model, another shape, or damaged."""
+
+
+class TrainingAborted(UserError, RuntimeError):
+    """A fault kept repeating (envs crashing, non-finite losses); a checkpoint was written before stopping."""
+
+
+class StorageError(UserError, OSError):
+    """An output directory cannot be written, or its disk is (about to be) full."""
+
+
+class StopRequested(Exception):
+    """SIGINT/SIGTERM asked the run to stop; raised at the next safe point, where a checkpoint is then written."""
+
+    def __init__(self, signal_name: str, env_steps: int):
+        super().__init__(signal_name, env_steps)
+        self.signal_name = signal_name
+        self.env_steps = env_steps
+        self.checkpoint = None  # set once the checkpoint is written
+        self.resume_command = None
+
+    def __str__(self) -> str:
+        stopped = f"stopped by {self.signal_name} at env step {self.env_steps}"
+        if self.checkpoint is None:
+            return f"{stopped}; no checkpoint was written"
+        return f"{stopped}; checkpoint written to {self.checkpoint}. Resume with:\n  {self.resume_command}"
