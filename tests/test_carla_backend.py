@@ -47,6 +47,7 @@ from lightning_td3.envs.carla_road import (
 )
 from lightning_td3.envs.config import CarlaConfig, EnvConfig
 from lightning_td3.envs.contract import DrivingEnv, Neighbour
+from lightning_td3.errors import ConfigError
 
 DATA = Path(__file__).parent / "data"
 LANE_WIDTH_M = 3.5
@@ -612,6 +613,10 @@ class FakeCarlaClient:
         self.loaded_towns.append(town)
         return self.world
 
+    def generate_opendrive_world(self, opendrive: str) -> FakeCarlaWorld:
+        self.loaded_towns.append(("opendrive", opendrive))
+        return self.world
+
     def get_trafficmanager(self, port: int) -> FakeTrafficManager:
         self.traffic_manager = FakeTrafficManager(port)
         return self.traffic_manager
@@ -655,6 +660,18 @@ def test_another_town_is_loaded():
     client = FakeCarlaClient(FakeCarlaWorld(town="Town01"))
     CarlaBackend(carla_env_config(town="Town02"), client=client).close()
     assert client.loaded_towns == ["Town02"]
+
+
+def test_a_custom_opendrive_road_network_is_generated_instead_of_a_town():
+    client = FakeCarlaClient(FakeCarlaWorld(town="Town01"))
+    xodr = DATA / "straight_two_lanes.xodr"
+    CarlaBackend(carla_env_config(town="Town02", opendrive_file=str(xodr)), client=client).close()
+    assert client.loaded_towns == [("opendrive", xodr.read_text())]
+
+
+def test_a_missing_opendrive_file_is_rejected_naming_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="env.carla.opendrive_file must be an existing OpenDRIVE file"):
+        CarlaConfig(opendrive_file=str(tmp_path / "missing.xodr"))
 
 
 def test_reset_spawns_ego_sensors_and_traffic_and_measures_from_the_route(backend, fake_client):

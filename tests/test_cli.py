@@ -9,6 +9,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import cli
+from lightning_td3.errors import ConfigError
+from tests.faults import FaultPlan, install
 from tests.tiny_run import fit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,3 +105,28 @@ def test_carla_without_a_server_fails_fast_naming_the_address():
     assert completed.returncode != 0
     assert "localhost:2" in completed.stderr and "CarlaUE4" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize(
+    "arguments, overrides, message",
+    [
+        (["--data.bogus", "1"], {}, "unrecognized arguments: --data.bogus"),
+        ([], {"data.bogus": 1}, "bogus"),  # an unknown key in the config file
+        (["--data.batch_size", "abc"], {}, 'Parser key "data.batch_size"'),
+        ([], {"trainer.max_epochs": "many"}, "max_epochs"),  # a wrong type in the config file
+        (["--data.buffer_capacity", "-5"], {}, "data.buffer_capacity must be an integer >= 4"),
+        (["--data.env.scenario", "7"], {}, "env.scenario must be one of 0, 1, 2"),
+        (["--data.env.carla.opendrive_file", "nowhere.xodr"], {}, "env.carla.opendrive_file must be an existing"),
+    ],
+)
+def test_a_bad_fit_setting_stops_before_any_work_with_a_short_message_naming_it(
+    tmp_path, monkeypatch, arguments, overrides, message
+):
+    plan = install(monkeypatch, FaultPlan())
+    with pytest.raises((SystemExit, ConfigError)) as stopped:
+        fit(tmp_path, *arguments, **overrides)
+    text = str(stopped.value.code if isinstance(stopped.value, SystemExit) else stopped.value)
+    assert message in text
+    assert len(text.splitlines()) <= 10, text  # not the pages of usage jsonargparse prints by default
+    assert plan.resets == 0, "no env was started"
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()

@@ -25,6 +25,7 @@ import math
 import queue
 import threading
 import time
+from pathlib import Path
 
 import carla
 import numpy as np
@@ -253,12 +254,19 @@ class CarlaBackend:
     # ---------------------------------------------------------------------------------------- world setup
 
     def _load_town(self) -> carla.World:
+        if self.config.carla.opendrive_file is not None:
+            return self._load_slowly(
+                self._client.generate_opendrive_world, Path(self.config.carla.opendrive_file).read_text()
+            )
         world = self._client.get_world()
         if world.get_map().name.split("/")[-1] == self.config.carla.town:
             return world
+        return self._load_slowly(self._client.load_world, self.config.carla.town)
+
+    def _load_slowly(self, load, what: str) -> carla.World:
         self._client.set_timeout(max(self._timeout_s, LOAD_WORLD_TIMEOUT_S))
         try:
-            return self._client.load_world(self.config.carla.town)
+            return load(what)
         finally:
             self._client.set_timeout(self._timeout_s)
 

@@ -6,6 +6,7 @@ Bad values fail here, before any simulator starts, with a message naming the fie
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lightning_td3.errors import require
 
@@ -58,6 +59,9 @@ class CarlaConfig:
     run; process r of a DDP run takes entries r * num_envs to (r + 1) * num_envs - 1. Without a tm_port an entry
     uses `tm_port` plus its index: the Traffic Manager runs in the client, so the envs of one machine need
     distinct ports. Empty: every env uses `host`, `port` and `tm_port`.
+
+    What is loaded is `town`, or a custom road network from an OpenDRIVE file (`opendrive_file`, built by the
+    server's OpenDRIVE standalone mode; `town` is then ignored).
     """
 
     host: str = "localhost"
@@ -69,6 +73,7 @@ class CarlaConfig:
     npc_vehicles: tuple[int, int, int] = (20, 50, 100)
     camera_fov_deg: float = 90.0
     servers: tuple[str, ...] = ()
+    opendrive_file: str | None = None
 
     def __post_init__(self) -> None:
         require(isinstance(self.host, str) and bool(self.host), "env.carla.host", "a non-empty host name", self.host)
@@ -85,6 +90,11 @@ class CarlaConfig:
         )
         self.servers = tuple(self.servers)
         self.server_list()  # validates every entry now, before any work
+        if self.opendrive_file is not None:
+            require(
+                Path(self.opendrive_file).is_file() and Path(self.opendrive_file).suffix == ".xodr",
+                "env.carla.opendrive_file", "an existing OpenDRIVE file (*.xodr) or null", self.opendrive_file,
+            )
 
     def server_list(self) -> list[CarlaServer]:
         """The parsed `servers` entries; an error names the first bad one."""
