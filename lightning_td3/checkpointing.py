@@ -78,6 +78,11 @@ def save_last_checkpoint(trainer) -> Path:
     callback = trainer.checkpoint_callback
     directory = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
     path = directory / "last.ckpt"
+    if getattr(callback, "save_last", False):
+        # Recorded as ModelCheckpoint's own last checkpoint, so a resumed run goes on writing this file rather than
+        # a versioned last-v1.ckpt beside it.
+        path = Path(callback.last_model_path or path)
+        callback.last_model_path = str(path)
     trainer.save_checkpoint(path)
     return path
 

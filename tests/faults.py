@@ -1,12 +1,15 @@
-"""Test doubles that inject simulator faults: a highway backend whose calls fail as a dying CARLA server's would."""
+"""Test doubles that inject faults: a highway backend failing as a dying CARLA server would, stop signals, NaNs."""
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytorch_lightning as pl
 
 from lightning_td3.envs.highway_backend import HighwayBackend
+from lightning_td3.replay import ReplayBuffer
 
 SIMULATOR_TIMEOUT = "time-out of 10000ms while waiting for the simulator (raised by the CrashingBackend test double)"
 
@@ -69,3 +72,40 @@ def install(monkeypatch, plan: FaultPlan) -> FaultPlan:
     """Every DrivingEnv built from now on (in this process) gets a CrashingBackend following `plan`."""
     monkeypatch.setattr("lightning_td3.envs.contract.make_backend", lambda config: CrashingBackend(config, plan))
     return plan
+
+
+class RandomStops(pl.Callback):
+    """Test double of an operator: after a training batch, with probability `rate`, sends this process SIGTERM."""
+
+    def __init__(self, rate: float = 0.0, seed: int = 0):
+        self.rate = rate
+        self.rng = np.random.default_rng(seed)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        if self.rng.random() < self.rate:
+            signal.raise_signal(signal.SIGTERM)
+
+
+@dataclass
+class PoisonedBatches:
+    """Replaces a sampled batch's first reward by NaN with probability `rate`, as a corrupted observation would."""
+
+    rate: float
+    seed: int = 0
+    poisoned: int = 0
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+
+    def install(self, monkeypatch) -> PoisonedBatches:
+        sample = ReplayBuffer.sample
+
+        def poisoned_sample(buffer, batch_size, rng):
+            batch = sample(buffer, batch_size, rng)
+            if self._rng.random() < self.rate:
+                batch["reward"][0] = np.nan
+                self.poisoned += 1
+            return batch
+
+        monkeypatch.setattr(ReplayBuffer, "sample", poisoned_sample)
+        return self
