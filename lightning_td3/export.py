@@ -1,7 +1,7 @@
 """Ship a trained agent: the actor's weights alone, in half precision, from a full training checkpoint.
 
-A training checkpoint holds the actor, the twin critics, both targets, the optimizers and (for resuming) the replay
-buffer: hundreds of MB. Driving needs only the actor, a few MB in fp16. The exported file is still a Lightning
+A training checkpoint holds the actor, the twin critics, both targets, the optimizers and (for resuming) a pointer
+to its replay file: tens of MB. Driving needs only the actor, a few MB in fp16. The exported file is still a Lightning
 checkpoint, so `python cli.py validate|test --config <the run's config> --ckpt_path <file>` evaluates it; TD3
 refuses it for `fit`, since there is nothing to resume.
 
