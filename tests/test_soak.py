@@ -21,6 +21,7 @@ NUM_ENVS = 2
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(4 * 3600)
 def test_a_long_run_with_random_faults_keeps_counters_replay_and_checkpoints_consistent(tmp_path, monkeypatch):
     crashes = install(monkeypatch, FaultPlan(step_crash_rate=0.01, seed=1))
     poison = PoisonedBatches(rate=0.02, seed=2).install(monkeypatch)
