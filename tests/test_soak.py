@@ -64,7 +64,7 @@ def test_a_long_run_with_random_faults_keeps_counters_replay_and_checkpoints_con
     assert (progress["env_steps"], progress["updates"], progress["skipped_updates"], progress["episodes"]) == (
         module.env_steps, module.updates, module.skipped_updates, module.episodes
     )
-    assert checkpoint["callbacks"]["Collector"]["env_failures"] == collector.env_failures
+    assert checkpoint["callbacks"]["Collector"]["per_process"][0]["env_failures"] == collector.env_failures
     record = checkpoint["ReplayDataModule"]["replay_file"]
     replay_dir = tmp_path / "checkpoints" / "replay"
     buffer = ReplayBuffer(settings["data.buffer_capacity"], NUM_ENVS, 14)

@@ -167,7 +167,7 @@ def fit_on(module: TD3, batch: dict, updates: int = 1, **trainer_args) -> pl.Tra
 def test_a_non_finite_batch_skips_the_whole_update_and_logs_it(changes, tmp_path):
     torch.manual_seed(0)
     module = TD3(vector_size=VECTOR, hidden_sizes=(32,))
-    module.env_steps = 500
+    module.run_env_steps = 500  # the x axis of *_vs_env_steps: the run's env steps
     networks = (module.actor, module.critic, module.actor_target, module.critic_target)
     before = [snapshot(network) for network in networks]
 
