@@ -28,6 +28,9 @@ class RewardConfig:
     progress: float = 3.0
     # Charged once, times `safety`, when the episode ends in a collision or off the road.
     crash_penalty: float = 50.0
+    # Pay progress only up to the target speed. The per-step penalties make finishing sooner pay, so without the
+    # cap a discounted return favours speeding past the target (and the collisions that come with it).
+    progress_up_to_target_speed: bool = False
 
     def __post_init__(self) -> None:
         for name in ("efficiency", "lane_keeping", "comfort", "safety", "progress", "crash_penalty"):

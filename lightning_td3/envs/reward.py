@@ -50,6 +50,8 @@ def compute_reward(
     comfort = -float(np.abs(action_change).sum()) / 4.0
     safety = -weights.crash_penalty if crashed else 0.0
     progress = progress_step_m / (target_speed_mps * dt)
+    if weights.progress_up_to_target_speed:
+        progress = min(progress, 1.0)
     weighted = dict(
         efficiency=weights.efficiency * efficiency,
         lane_keeping=weights.lane_keeping * lane_keeping,
