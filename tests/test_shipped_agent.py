@@ -19,8 +19,7 @@ from lightning_td3.td3 import TD3
 from tests.tiny_run import fit
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "agents" / "td3_cpu_scenario0.ckpt"
-SHIPPED_CONFIG = ROOT / "configs" / "experiments" / "cpu_scenario0.yaml"
+SHIPPED_AGENTS = ["cpu_scenario0", "cpu_scenario0_capped"]  # agents/td3_<name>.ckpt, trained by its config
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +90,15 @@ def test_export_refuses_a_file_that_is_not_a_td3_checkpoint(tmp_path):
     assert not (tmp_path / "out.ckpt").exists()
 
 
-def test_the_shipped_agent_is_small_and_drives_on_held_out_seeds():
-    shipped = torch.load(SHIPPED, weights_only=True)
-    assert SHIPPED.stat().st_size < 5 * 2**20
+@pytest.mark.parametrize("name", SHIPPED_AGENTS)
+def test_the_shipped_agent_is_small_and_drives_on_held_out_seeds(name):
+    path = ROOT / "agents" / f"td3_{name}.ckpt"
+    shipped = torch.load(path, weights_only=True)
+    assert path.stat().st_size < 5 * 2**20
     assert {value.dtype for value in shipped["state_dict"].values()} == {torch.float16}
-    agent = TD3.load_from_checkpoint(SHIPPED, map_location="cpu")
-    env_config = EnvConfig(**yaml.safe_load(SHIPPED_CONFIG.read_text())["data"]["env"])
+    agent = TD3.load_from_checkpoint(path, map_location="cpu")
+    config = ROOT / "configs" / "experiments" / f"{name}.yaml"
+    env_config = EnvConfig(**yaml.safe_load(config.read_text())["data"]["env"])
     seeds = [50000, 50001]
     with torch.no_grad():
         driven = evaluate(agent.policy(), env_config, seeds)
