@@ -75,7 +75,8 @@ def plot_learning_curve(run_dir: Path, out: Path) -> dict[str, dict[str, float]]
         steps, values = curves[metric]
         axis.plot(steps, values, marker="o", color="tab:blue", label="TD3 (pixels)")
         for (name, metrics), style in zip(baselines.items(), ("--", ":")):
-            axis.axhline(metrics[metric], linestyle=style, color="gray", label=name)
+            # A plotted line (unlike axhline) widens the y range, so a baseline above the curve stays in view.
+            axis.plot(steps[[0, -1]], [metrics[metric]] * 2, linestyle=style, color="gray", label=name)
         axis.set_xlabel("env steps")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
