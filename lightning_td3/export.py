@@ -11,12 +11,11 @@ refuses it for `fit`, since there is nothing to resume.
 from __future__ import annotations
 
 import argparse
-import os
-import pickle
 from pathlib import Path
 
 import torch
 
+from lightning_td3.checkpointing import AtomicCheckpointIO
 from lightning_td3.errors import CheckpointError, UserError
 
 ACTOR_ONLY_KEY = "td3_actor_only"
@@ -25,10 +24,8 @@ ACTOR_PREFIX = "actor."
 
 def export_actor(checkpoint_path: Path, out_path: Path, dtype: torch.dtype = torch.float16) -> dict:
     """Write the actor of a TD3 training checkpoint to `out_path`; return what was written."""
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as why:
-        raise CheckpointError(f"cannot read checkpoint {checkpoint_path}: {why}") from why
+    checkpoint_io = AtomicCheckpointIO()  # a damaged source is named; the shipped file is written atomically
+    checkpoint = checkpoint_io.load_checkpoint(checkpoint_path, map_location="cpu", weights_only=True)
     weights = {
         name: value.to(dtype) if value.is_floating_point() else value
         for name, value in checkpoint.get("state_dict", {}).items()
@@ -48,11 +45,7 @@ def export_actor(checkpoint_path: Path, out_path: Path, dtype: torch.dtype = tor
             "dtype": str(dtype).removeprefix("torch."),
         },
     }
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(out_path.name + ".partial")
-    torch.save(shipped, partial)
-    os.replace(partial, out_path)  # a reader never sees half a file
+    checkpoint_io.save_checkpoint(shipped, out_path)
     return shipped
 
 
