@@ -13,11 +13,7 @@ BUDGET_S=${BUDGET_S:-480}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/suite.txt") 2>&1
 
-if ! python3 -c "import stable_baselines3, highway_env, jsonargparse" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD SDL_VIDEODRIVER=dummy PYTHONUNBUFFERED=1
+source bench/gpu_env.sh
 
 if [ "$DEVICE" = cuda ]; then
   LEARNER="--device cuda"                       # 3 rounds x 500 timed updates at batch 256, each side
