@@ -23,7 +23,13 @@ from lightning_td3.td3 import TD3
 from tests.tiny_run import fit
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_AGENTS = ["cpu_scenario0", "cpu_scenario0_capped"]  # agents/td3_<name>.ckpt, trained by its config
+# agents/td3_<name>.ckpt: the config (configs/experiments/) that trained it, and the data.env overrides of that run
+SHIPPED_AGENTS = {
+    "cpu_scenario0": ("cpu_scenario0", {}),
+    "cpu_scenario0_capped": ("cpu_scenario0_capped", {}),
+    "h100_scenario1_curvy": ("h100", {}),
+    "h100_scenario2": ("h100", {"scenario": 2, "layout": "straight"}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +102,14 @@ def test_export_refuses_a_file_that_is_not_a_td3_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("name", SHIPPED_AGENTS)
 def test_the_shipped_agent_is_small_and_drives_on_held_out_seeds(name):
+    config_name, env_overrides = SHIPPED_AGENTS[name]
     path = ROOT / "agents" / f"td3_{name}.ckpt"
     shipped = torch.load(path, weights_only=True)
     assert path.stat().st_size < 5 * 2**20
     assert {value.dtype for value in shipped["state_dict"].values()} == {torch.float16}
     agent = TD3.load_from_checkpoint(path, map_location="cpu")
-    config = ROOT / "configs" / "experiments" / f"{name}.yaml"
-    env_config = EnvConfig(**yaml.safe_load(config.read_text())["data"]["env"])
+    config = ROOT / "configs" / "experiments" / f"{config_name}.yaml"
+    env_config = EnvConfig(**{**yaml.safe_load(config.read_text())["data"]["env"], **env_overrides})
     seeds = [50000, 50001]
     with torch.no_grad():
         driven = evaluate(agent.policy(), env_config, seeds)
