@@ -10,8 +10,13 @@ counted in its own env steps; the module sums the counters over the processes wh
 
 A simulator that fails mid-episode (a CARLA time-out, any exception from an env's step or reset) costs the open
 episodes of the vector env: they are closed in replay without a next observation (so no target bootstraps across
-the gap), the envs are rebuilt and collection goes on. After `max_env_failures` failures in a row the run writes
-`last.ckpt` and stops with `TrainingAborted`.
+the gap), the envs are rebuilt and collection goes on. After `max_env_failures` failures in a row the process
+collects no more and the run stops at the next safe point with `last.ckpt` and `TrainingAborted`.
+
+The safe points are the Collector's (`fault_tolerance.stop_together`): before every update, after collecting, and
+between warm-up steps. Under DDP every process reaches them at the same update, so a stop signal or a failure on
+one process stops all of them there, with one checkpoint; the warm-up runs in lockstep for that (a process whose
+envs failed needs more vector steps to finish it).
 """
 
 from __future__ import annotations
@@ -27,11 +32,11 @@ import pytorch_lightning as pl
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_td3.checkpointing import arrays_to_tensors, save_last_checkpoint, tensors_to_arrays
+from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
 from lightning_td3.envs import DrivingEnv, EnvConfig
-from lightning_td3.errors import ConfigError, TrainingAborted, require
+from lightning_td3.errors import ConfigError, require
 from lightning_td3.evaluation import EpisodeResult
-from lightning_td3.fault_tolerance import check_stop_request
+from lightning_td3.fault_tolerance import stop_together
 from lightning_td3.per_process import gather_per_process, own_state
 from lightning_td3.seeding import stream_rng, stream_seed
 
@@ -85,6 +90,7 @@ class Collector(pl.Callback):
         self.max_env_failures = max_env_failures
         self.env_failures = 0  # in all, this process's; saved with the checkpoint
         self._failures_in_a_row = 0
+        self._gave_up: str | None = None  # why this process's envs collect no more, until the run stops
         self.envs: VectorEnv | None = None
         self._obs: dict[str, np.ndarray] | None = None
         self._rng: np.random.Generator | None = None
@@ -112,17 +118,23 @@ class Collector(pl.Callback):
         else:
             self._obs, _ = self.envs.reset(seed=stream_seed("train_envs", trainer.global_rank) % 2**31)
         self._clock = (time.perf_counter(), module.run_env_steps)
-        while module.env_steps < self.learning_starts:
-            check_stop_request(module.env_steps)  # warm-up can take hours: a stop signal must not wait for it
-            self._collect(trainer, module)
-            if module.env_steps % WARMUP_REPORT_EVERY < self.envs.num_envs:
-                rank_zero_info(f"warm-up: {module.env_steps}/{self.learning_starts} random env steps")
+        # Warm-up can take hours, so a stop must not wait for its end: a safe point after every vector step.
+        warming = True
+        while stop_together(trainer, module, self._gave_up, busy=warming):
+            warming = module.env_steps < self.learning_starts and self._gave_up is None
+            if warming:
+                self._collect(trainer, module)
+                if self.envs is not None and module.env_steps % WARMUP_REPORT_EVERY < self.envs.num_envs:
+                    rank_zero_info(f"warm-up: {module.env_steps}/{self.learning_starts} random env steps")
         self._env_seconds = self._batch_seconds = 0.0
 
     def on_train_batch_start(self, trainer: pl.Trainer, module, batch, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
-        while (module.env_steps - self.learning_starts) * self.updates_per_step < module.updates + 1:
+        while self._gave_up is None and (
+            (module.env_steps - self.learning_starts) * self.updates_per_step < module.updates + 1
+        ):
             self._collect(trainer, module)
+        stop_together(trainer, module, self._gave_up)  # between updates: the last one complete, the next not begun
         module.log_dict(
             {"env_steps": float(module.run_env_steps), "episodes": float(module.run_episodes),
              "sps": self._steps_per_second(module), "last_return": self._last_return},
@@ -168,7 +180,7 @@ class Collector(pl.Callback):
             self._record_episodes(module, info["final_info"], np.flatnonzero(done))
 
     def _recover(self, trainer: pl.Trainer, module, error: Exception) -> None:
-        """Drop the open episodes, rebuild the envs and reset them; `TrainingAborted` after too many failures.
+        """Drop the open episodes, rebuild the envs and reset them; give up after too many failures in a row.
 
         The whole vector env is rebuilt: a vector step is all or nothing, so the envs that did step are out of
         step with what the buffer holds, as is the one that crashed.
@@ -182,13 +194,13 @@ class Collector(pl.Callback):
             module.log_vs_env_steps({"train/env_failures": float(self.env_failures)})
             self._close_envs()
             if self._failures_in_a_row >= self.max_env_failures:
-                path = save_last_checkpoint(trainer)
-                raise TrainingAborted(
+                # The next safe point stops the run (every process, under DDP) with a checkpoint.
+                self._gave_up = (
                     f"the training envs failed {self._failures_in_a_row} times in a row (Collector.max_env_failures="
                     f"{self.max_env_failures}) at env step {module.env_steps}; last error: "
-                    f"{type(error).__name__}: {error}. Checkpoint written to {path}; once the simulator works "
-                    "again, resume with `fit --ckpt_path last`"
-                ) from error
+                    f"{type(error).__name__}: {error}"
+                )
+                return
             rank_zero_warn(
                 f"training env failed at env step {module.env_steps} ({type(error).__name__}: {error}); open episodes "
                 f"dropped, envs rebuilt ({self._failures_in_a_row}/{self.max_env_failures} failures in a row)"

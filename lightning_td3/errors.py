@@ -30,15 +30,17 @@ class StorageError(UserError, OSError):
 class StopRequested(Exception):
     """SIGINT/SIGTERM asked the run to stop; raised at the next safe point, where a checkpoint is then written."""
 
-    def __init__(self, signal_name: str, env_steps: int):
-        super().__init__(signal_name, env_steps)
+    def __init__(self, signal_name: str, env_steps: int, received_by: str | None = None):
+        super().__init__(signal_name, env_steps, received_by)
         self.signal_name = signal_name
-        self.env_steps = env_steps
+        self.env_steps = env_steps  # the run's, over all processes
+        self.received_by = received_by  # under DDP: which processes the signal reached
         self.checkpoint = None  # set once the checkpoint is written
         self.resume_command = None
 
     def __str__(self) -> str:
-        stopped = f"stopped by {self.signal_name} at env step {self.env_steps}"
+        received = f" (received by {self.received_by})" if self.received_by else ""
+        stopped = f"stopped by {self.signal_name}{received} at env step {self.env_steps}"
         if self.checkpoint is None:
             return f"{stopped}; no checkpoint was written"
         return f"{stopped}; checkpoint written to {self.checkpoint}. Resume with:\n  {self.resume_command}"

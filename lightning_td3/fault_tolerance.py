@@ -7,6 +7,9 @@
   checkpoint an hour in.
 - SIGINT / SIGTERM: the step under way finishes, `last.ckpt` is written, and the run ends with exit code 0 and a
   message saying how to resume. A second Ctrl+C stops at once, without a checkpoint.
+- A stop is decided together (`stop_together`): under DDP a signal that reached one process, or one process's
+  envs giving up, stops every process at the same safe point, where they write one checkpoint together; a
+  process stopping alone would leave the others waiting in their next collective until the DDP time-out.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_fabric.utilities.rank_zero import rank_prefixed_message, rank_zero_only
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_td3.checkpointing import AtomicCheckpointIO, save_last_checkpoint
-from lightning_td3.errors import StopRequested, StorageError, require
+from lightning_td3.errors import StopRequested, StorageError, TrainingAborted, require
+from lightning_td3.per_process import gather_per_process
 from lightning_td3.replay import ReplayBuffer
 
 GB = 1e9
@@ -33,10 +39,50 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _stop_request: str | None = None
 
 
-def check_stop_request(env_steps: int) -> None:
-    """Raise `StopRequested` if a stop signal arrived; call only where a checkpoint would be consistent."""
-    if _stop_request is not None:
-        raise StopRequested(_stop_request, env_steps)
+def stop_together(trainer: pl.Trainer, module, failure: str | None = None, busy: bool = False) -> bool:
+    """A safe point: every process calls it at the same place (the Collector: before each update, and between
+    warm-up steps), where a checkpoint would be consistent.
+
+    If a stop signal reached any process, every process raises `StopRequested` here (`FaultTolerance` then
+    writes the checkpoint, all processes together). If any process reports a `failure` (a description of what it
+    cannot get past), every process writes `last.ckpt` together and raises `TrainingAborted` naming the failing
+    process and the resume command. Otherwise returns whether any process is still `busy` (so a loop whose length
+    differs between processes, the warm-up, can run in lockstep until all are done).
+
+    Under DDP one all-reduce of four integers per call (see bench/stop_vote.py for its cost); the processes'
+    reasons are gathered only when stopping.
+    """
+    signal_name = _stop_request  # read once: a signal arriving during the vote waits for the next safe point
+    if trainer.world_size == 1:
+        if signal_name is None and failure is None:
+            return busy
+        run_env_steps, reasons = module.env_steps, [(signal_name, failure)]
+    else:
+        votes = torch.tensor(
+            [int(signal_name is not None), int(failure is not None), int(busy), module.env_steps], device=module.device
+        )
+        signals, failures, busy_processes, run_env_steps = trainer.strategy.reduce(votes, reduce_op="sum").tolist()
+        if not signals and not failures:
+            return busy_processes > 0
+        reasons = gather_per_process((signal_name, failure))
+    failed = [(rank, why) for rank, (_, why) in enumerate(reasons) if why is not None]
+    if failed:
+        path = save_last_checkpoint(trainer)
+        descriptions = "; ".join(f"{_process(rank, len(reasons))}{why}" for rank, why in failed)
+        together = f" All {len(reasons)} processes stopped together." if len(reasons) > 1 else ""
+        raise TrainingAborted(
+            f"{descriptions}.{together} Checkpoint written to {path}; once the cause is fixed, resume with: "
+            f"{_resume_command(path)}"
+        )
+    signalled = [rank for rank, (name, _) in enumerate(reasons) if name is not None]
+    received_by = None
+    if len(reasons) > 1:
+        received_by = f"process{'es' if len(signalled) > 1 else ''} {', '.join(map(str, signalled))} of {len(reasons)}"
+    raise StopRequested(reasons[signalled[0]][0], run_env_steps, received_by)
+
+
+def _process(rank: int, world_size: int) -> str:
+    return f"process {rank} of {world_size}: " if world_size > 1 else ""
 
 
 class FaultTolerance(pl.Callback):
@@ -73,10 +119,6 @@ class FaultTolerance(pl.Callback):
         # batch with a bare SystemExit and no checkpoint. Ours takes SIGTERM back.
         signal.signal(signal.SIGTERM, _request_stop)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
-        # Between updates: the previous one is complete, the next not begun.
-        check_stop_request(getattr(pl_module, "env_steps", trainer.global_step))
-
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, StopRequested):
             exception.checkpoint = save_last_checkpoint(trainer)
@@ -100,10 +142,13 @@ class FaultTolerance(pl.Callback):
 def _request_stop(signum, frame) -> None:
     global _stop_request
     _stop_request = signal.Signals(signum).name
-    rank_zero_info(
-        f"\n{_stop_request} received: finishing the current step, then writing a checkpoint. "
+    # Said by the process that received it (under DDP possibly not rank 0).
+    message = (
+        f"{_stop_request} received: finishing the current step, then writing a checkpoint. "
         "Press Ctrl+C again to stop at once without one."
     )
+    rank = rank_zero_only.rank
+    print(f"\n{rank_prefixed_message(message, rank) if rank else message}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytorch_lightning as pl
 
+from lightning_td3.envs import contract
 from lightning_td3.envs.highway_backend import HighwayBackend
 from lightning_td3.replay import ReplayBuffer
 
@@ -109,3 +110,17 @@ class PoisonedBatches:
 
         monkeypatch.setattr(ReplayBuffer, "sample", poisoned_sample)
         return self
+
+
+class CrashOnRank(pl.Callback):
+    """Test double for a DDP run started as a real command: on process `rank` only, every env built from setup on
+    gets a CrashingBackend whose simulator is gone for good from backend step `crash_from_step` (of that process)."""
+
+    def __init__(self, rank: int, crash_from_step: int):
+        self.rank = rank
+        self.crash_from_step = crash_from_step
+
+    def setup(self, trainer, module, stage: str) -> None:
+        if trainer.global_rank == self.rank:
+            plan = FaultPlan(crash_from_step=self.crash_from_step)
+            contract.make_backend = lambda config: CrashingBackend(config, plan)

@@ -1,7 +1,10 @@
 """Lightning DDP on CPU: two processes (gloo) run the real CLI on a tiny config and must act as one run."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_td3.errors import ConfigError
 from lightning_td3.td3 import _let_ddp_find_unused_parameters
+from tests.faults import SIMULATOR_TIMEOUT, CrashOnRank
 from tests.rank_snapshot import RankSnapshot
 from tests.tiny_run import tiny_config
 
@@ -22,7 +26,7 @@ EVAL_SEED = 500
 UPDATES_PER_EPOCH = 3  # two epochs, each followed by an evaluation
 
 
-def ddp_config(run_dir: Path, **overrides) -> Path:
+def ddp_config(run_dir: Path, *extra_callbacks: dict, **overrides) -> Path:
     path = tiny_config(
         run_dir,
         **{"trainer.strategy": "ddp", "trainer.accelerator": "cpu", "trainer.devices": WORLD_SIZE,
@@ -30,9 +34,10 @@ def ddp_config(run_dir: Path, **overrides) -> Path:
            "data.eval_episodes": EVAL_EPISODES, "data.eval_seed": EVAL_SEED} | overrides,
     )
     config = yaml.safe_load(path.read_text())
-    config["trainer"]["callbacks"].append(
-        {"class_path": f"{RankSnapshot.__module__}.RankSnapshot", "init_args": {"dirpath": str(run_dir / "ranks")}}
-    )
+    config["trainer"]["callbacks"] += [
+        {"class_path": f"{RankSnapshot.__module__}.RankSnapshot", "init_args": {"dirpath": str(run_dir / "ranks")}},
+        *extra_callbacks,
+    ]
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -143,3 +148,89 @@ def test_ddp_is_told_to_find_unused_parameters_and_a_static_graph_is_refused():
     assert strategy._ddp_kwargs["find_unused_parameters"] is True
     with pytest.raises(ConfigError, match=r"trainer\.strategy\.init_args\.static_graph must be false"):
         _let_ddp_find_unused_parameters(DDPStrategy(static_graph=True))
+
+
+# ------------------------------------------------------------------------------- a fault on one process only
+
+NO_HANG_S = 120  # far below the DDP time-out (30 min): a process left waiting in a collective fails the test
+
+
+class DdpRun:
+    """`python cli.py fit` under DDP in its own session, so that a hung process can be found and killed."""
+
+    def __init__(self, config: Path, *args: str):
+        self.process = subprocess.Popen(
+            [sys.executable, "cli.py", "fit", "--config", str(config), *args], cwd=ROOT, start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+
+    def rank1_pid(self) -> int:
+        # Lightning's launcher starts rank 1 by running the same command line as a child of rank 0.
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        (pid,) = [int(p) for p in children if "cli.py" in Path(f"/proc/{p}/cmdline").read_text()]
+        return pid
+
+    def finish(self) -> tuple[int, str]:
+        """Exit code and output, once rank 0 and rank 1 (which shares rank 0's output pipe) have both exited."""
+        try:
+            output, _ = self.process.communicate(timeout=NO_HANG_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            output, _ = self.process.communicate()
+            pytest.fail(f"the processes did not all stop within {NO_HANG_S} s (a hang):\n{output[-3000:]}")
+        return self.process.returncode, output
+
+
+def crash_on_rank1(from_step: int) -> dict:
+    return {"class_path": f"{CrashOnRank.__module__}.CrashOnRank",
+            "init_args": {"rank": 1, "crash_from_step": from_step}}
+
+
+def test_envs_failing_on_one_process_stop_every_process_with_one_checkpoint_that_resumes(tmp_path):
+    # Rank 1's simulator goes away for good after its warm-up (15 vector steps of 2 envs = 30 backend steps).
+    settings = {"trainer.callbacks.0.init_args.max_env_failures": 2}
+    code, output = DdpRun(ddp_config(tmp_path, crash_on_rank1(from_step=34), **settings)).finish()
+
+    assert code == 1, output[-3000:]
+    stop = "error: process 1 of 2: the training envs failed 2 times in a row (Collector.max_env_failures=2)"
+    assert output.count(stop) == WORLD_SIZE, output[-3000:]  # the same message from both processes
+    assert SIMULATOR_TIMEOUT in output and "All 2 processes stopped together" in output
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert f"Checkpoint written to {last}; once the cause is fixed, resume with: " in output
+    saved = torch.load(last, weights_only=True)  # one checkpoint, holding both processes' state
+    assert [state["env_failures"] for state in saved["callbacks"]["Collector"]["per_process"]] == [0, 2]
+    assert saved["callbacks"]["Collector"]["per_process"][1]["env_states"] is None  # rank 1 had no envs left
+    assert 0 < saved["td3_progress"]["updates"] < 2 * UPDATES_PER_EPOCH
+    record = saved["ReplayDataModule"]["replay_file"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "replay").glob("*.bin")) == [
+        f"replay-{record['key']}-rank{rank}-of{WORLD_SIZE}.bin" for rank in range(WORLD_SIZE)
+    ]
+
+    # The simulator is back: the same two processes go on from the checkpoint to the end.
+    code, output = DdpRun(ddp_config(tmp_path, **settings), "--ckpt_path", "last").finish()
+    assert code == 0, output[-3000:]
+    rank0, rank1 = load_ranks(tmp_path)
+    assert rank0["updates"] == rank1["updates"] == 2 * UPDATES_PER_EPOCH
+    for name in rank0["final"]:
+        assert torch.equal(rank0["final"][name], rank1["final"][name]), name
+
+
+def test_sigterm_to_one_process_stops_every_process_with_one_checkpoint(tmp_path):
+    run = DdpRun(ddp_config(tmp_path, **{"trainer.max_epochs": 1000}))
+    deadline = time.monotonic() + NO_HANG_S
+    while not list((tmp_path / "checkpoints").glob("epoch=0-*.ckpt")):
+        assert run.process.poll() is None and time.monotonic() < deadline, "no first checkpoint"
+        time.sleep(0.05)
+    signalled = time.time()
+
+    os.kill(run.rank1_pid(), signal.SIGTERM)  # rank 1 only: rank 0 hears of it only through the stop vote
+    code, output = run.finish()
+
+    assert code == 0, output[-3000:]
+    assert "[rank: 1] SIGTERM received: finishing the current step" in output
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.stat().st_mtime >= signalled
+    progress = torch.load(last, weights_only=True)["td3_progress"]
+    stopped = f"stopped by SIGTERM (received by process 1 of 2) at env step {progress['env_steps']}; checkpoint written"
+    assert output.count(stopped) == WORLD_SIZE, output[-3000:]
+    assert "Traceback" not in output
