@@ -48,8 +48,9 @@ class NatureCNN(nn.Module):
             raise TypeError(f"NatureCNN expects a uint8 image; got {image.dtype}")
         pixels = image.float().div_(127.5).sub_(1.0)  # in place: the same arithmetic without two more copies
         # bf16 for the convolutions and the feature layer only, where nearly all the compute is; the features go
-        # on in float32, so heads, Q values, TD targets and losses keep full precision.
-        with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        # on in float32, so heads, Q values, TD targets and losses keep full precision. No cast cache: each weight is
+        # cast once per forward anyway, and a cache must not outlive a CUDA graph capture (TD3's cuda_graph).
+        with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
             features = self.linear(self.convs(pixels))
         return features.float()
 

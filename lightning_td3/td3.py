@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_td3.checkpointing import arrays_to_tensors, save_last_checkpoint, tensors_to_arrays
+from lightning_td3.cuda_graph import GraphedUpdate
 from lightning_td3.driving_module import DrivingModule
 from lightning_td3.envs import DrivingEnv
 from lightning_td3.errors import CheckpointError, ConfigError, TrainingAborted, require
@@ -31,6 +33,21 @@ from lightning_td3.per_process import gather_per_process, own_state
 
 CHECKPOINT_KEY = "td3_progress"
 ARCHITECTURE_HPARAMS = ("vector_size", "hidden_sizes", "layer_norm")  # what decides the weights' shapes
+# The device-side record of skipped updates (`TD3._nonfinite`), one int64 each: skipped updates in all, the
+# current streak of them, the update where that streak began, the start of the first streak that reached
+# `max_nonfinite_updates` (-1: none yet), and the update under way.
+SKIPPED, STREAK, STREAK_START, TRIPPED_START, UPDATE = range(5)
+
+
+@dataclass
+class UpdateStats:
+    """What an update leaves for logging, as device tensors (read on logging steps only)."""
+
+    critic_loss: torch.Tensor
+    q1: torch.Tensor
+    critic_grad_norm: torch.Tensor
+    actor_loss: torch.Tensor | None = None
+    actor_grad_norm: torch.Tensor | None = None
 
 
 def clipped_double_q_target(
@@ -75,7 +92,12 @@ class TD3(DrivingModule):
             float32, where bf16's 8-bit mantissa would blur TD targets.
         max_nonfinite_updates: updates in a row skipped for a NaN/Inf loss or gradient (a NaN/Inf in the batch
             shows there too) after which the run writes a checkpoint and stops. A skipped update steps no optimizer
-            and no target (an actor failure comes after the critic's step, which stays).
+            and no target (an actor failure comes after the critic's step, which stays). The skip is decided on the
+            device, without a host sync; the streak is read on logging steps, so the stop comes at the first
+            logging step after the streak reached this length (up to `log_every_n_updates` updates later).
+        cuda_graph: record the whole update (forward, backward, clipping, Adam, Polyak, skip counters) as CUDA
+            graphs after a few eager warm-up updates and replay them: a handful of host calls per update instead
+            of hundreds of kernel launches. One CUDA device only; not with `compile` or mixed-precision trainers.
     """
 
     def __init__(
@@ -97,6 +119,7 @@ class TD3(DrivingModule):
         compile: bool = False,
         bf16_cnn: bool = False,
         max_nonfinite_updates: int = 100,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         require(0.0 <= gamma < 1.0, "model.gamma", "in [0, 1)", gamma)
@@ -108,6 +131,8 @@ class TD3(DrivingModule):
             isinstance(max_nonfinite_updates, int) and max_nonfinite_updates >= 1,
             "model.max_nonfinite_updates", "an integer >= 1", max_nonfinite_updates,
         )
+        # torch.compile brings its own CUDA graphs (mode="reduce-overhead"); the two do not nest.
+        require(not (cuda_graph and compile), "model.cuda_graph", "false when model.compile is true", cuda_graph)
         self.save_hyperparameters()
         self.automatic_optimization = False
         sizes = dict(vector_size=vector_size, hidden_sizes=tuple(hidden_sizes), layer_norm=layer_norm)
@@ -125,12 +150,14 @@ class TD3(DrivingModule):
                     part.compile()
         # This process's progress, advanced by its Collector and by training_step, saved with every checkpoint.
         # Under DDP every process collects its own env steps and episodes; updates are the same on all of them.
+        # `updates` counts update steps, skipped ones included (the policy delay runs on it, and whether an update
+        # was skipped is known on the device only); `skipped_updates` says how many of them changed nothing.
         self.env_steps = 0
         self.episodes = 0
         self.updates = 0
-        self.skipped_updates = 0
-        # Updates skipped in a row, and the update and env step where that streak began.
-        self._skipped_in_a_row, self._streak_start = 0, (0, 0)
+        # On the device so that an update never waits for the host; not in the state_dict (saved as td3_progress).
+        self.register_buffer("_nonfinite", torch.tensor([0, 0, 0, -1, 0]), persistent=False)
+        self._graphed_update: GraphedUpdate | None = None
         # The whole run's env steps and episodes (summed over processes) as of the last time scalars were logged.
         self.run_env_steps = 0
         self.run_episodes = 0
@@ -147,18 +174,49 @@ class TD3(DrivingModule):
             )
         if isinstance(self.trainer.strategy, DDPStrategy):
             _let_ddp_find_unused_parameters(self.trainer.strategy)
+        if self.hparams.cuda_graph and stage == "fit":
+            self._check_cuda_graph_fits()
 
     def configure_optimizers(self):
-        # Fused Adam (one kernel for all parameters) exists for CUDA and CPU tensors alike.
+        # Fused Adam (one kernel for all parameters) exists for CUDA and CPU tensors alike. Capturable: its step
+        # may be recorded in a CUDA graph (model.cuda_graph); its step counts live on the device either way.
+        capturable = self.hparams.cuda_graph
         return (
-            torch.optim.Adam(self.actor.parameters(), lr=self.hparams.actor_lr, fused=True),
-            torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, fused=True),
+            torch.optim.Adam(self.actor.parameters(), lr=self.hparams.actor_lr, fused=True, capturable=capturable),
+            torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, fused=True, capturable=capturable),
         )
+
+    def on_train_start(self) -> None:
+        self._nonfinite[UPDATE] = self.updates  # the device's count of updates starts where the host's stands
+        # Graphs hold this fit's optimizer state and parameters: recorded afresh in every fit (after a resume too).
+        self._graphed_update = GraphedUpdate(self._update, self.optimizers()) if self.hparams.cuda_graph else None
 
     def training_step(self, dataloader_iter: Iterator) -> None:
         hp = self.hparams
-        actor_optimizer, critic_optimizer = self.optimizers()
+        update = self.updates
+        actor_step = update % hp.policy_delay == 0  # the delayed actor and target updates
         batch = self._next_batch(dataloader_iter)
+        if self._graphed_update is not None:
+            stats = self._graphed_update(batch, actor_step)
+        else:
+            stats = self._update(batch, self.optimizers(), actor_step)
+        self.updates = update + 1
+
+        # Logging on multiples of the policy delay catches an actor update too.
+        if update % hp.log_every_n_updates == 0:
+            self._log_update(update, stats)
+            self._stop_after_too_many_skipped(update)
+        if update % hp.log_images_every_n_updates == 0:
+            self._log_visuals(batch["image"])
+
+    def _update(self, batch: dict[str, torch.Tensor], optimizers: Sequence, actor_step: bool) -> UpdateStats:
+        """One TD3 update without a host sync, so that it can also be recorded as a CUDA graph.
+
+        A NaN/Inf loss or gradient (from the batch or a diverging network) makes its optimizer step and the Polyak
+        update no-ops on the device (`ok`), and is counted there.
+        """
+        hp = self.hparams
+        actor_optimizer, critic_optimizer = optimizers
         image, vector, action = batch["image"], batch["vector"], batch["action"]
 
         # Critic: regress both Q heads onto the clipped double-Q target of the smoothed target policy.
@@ -171,32 +229,21 @@ class TD3(DrivingModule):
         q1, q2 = self.critic(image, vector, action)
         critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
         critic_grad_norm = self._backward(critic_optimizer, critic_loss, self.critic)
-        # A NaN/Inf in the batch or a diverging critic must not reach the weights (one host sync).
-        if not _finite(critic_loss, critic_grad_norm):
-            self._skip_update(critic_optimizer)
-            return
-        self._clip_and_step(critic_optimizer)
+        ok = self._finite(critic_loss, critic_grad_norm)
+        self._clip_and_step(critic_optimizer, ok)
+        stats = UpdateStats(critic_loss, q1, critic_grad_norm)
 
         # Actor (delayed): follow the first critic's gradient, then let the targets trail the online nets.
-        actor_loss = actor_grad_norm = None
-        if self.updates % hp.policy_delay == 0:
+        if actor_step:
             with self.toggled_optimizer(actor_optimizer):  # the critic is followed here, not trained: no grads
-                actor_loss = -self.critic.q1(image, vector, self.actor(image, vector)).mean()
-                actor_grad_norm = self._backward(actor_optimizer, actor_loss, self.actor)
-                if not _finite(actor_loss, actor_grad_norm):  # a second sync, on actor updates only
-                    self._skip_update(actor_optimizer)
-                    return
-                self._clip_and_step(actor_optimizer)
-            _polyak_update(self.actor, self.actor_target, hp.tau)
-            _polyak_update(self.critic, self.critic_target, hp.tau)
-        self._skipped_in_a_row = 0
-
-        # Logging on multiples of the policy delay catches an actor update too.
-        if self.updates % hp.log_every_n_updates == 0:
-            self._log_update(critic_loss, actor_loss, q1, critic_grad_norm, actor_grad_norm)
-        if self.updates % hp.log_images_every_n_updates == 0:
-            self._log_visuals(image)
-        self.updates += 1
+                stats.actor_loss = -self.critic.q1(image, vector, self.actor(image, vector)).mean()
+                stats.actor_grad_norm = self._backward(actor_optimizer, stats.actor_loss, self.actor)
+                ok = ok & self._finite(stats.actor_loss, stats.actor_grad_norm)  # and no actor step after a skip
+                self._clip_and_step(actor_optimizer, ok)
+            _polyak_update(self.actor, self.actor_target, hp.tau, ok)
+            _polyak_update(self.critic, self.critic_target, hp.tau, ok)
+        self._count_skipped(ok)
+        return stats
 
     # --- acting ------------------------------------------------------------------------------------------------
 
@@ -209,6 +256,15 @@ class TD3(DrivingModule):
 
     def policy(self) -> Policy:
         return _ActorPolicy(self)
+
+    @property
+    def skipped_updates(self) -> int:
+        """Update steps that changed nothing for a NaN/Inf loss or gradient (a host sync: not for every update)."""
+        return int(self._nonfinite[SKIPPED])
+
+    @skipped_updates.setter
+    def skipped_updates(self, value: int) -> None:
+        self._nonfinite[SKIPPED] = value
 
     # --- checkpoint: what Lightning does not save itself --------------------------------------------------------
 
@@ -310,45 +366,88 @@ class TD3(DrivingModule):
         return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
 
     def _backward(self, optimizer, loss: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
+        # Zeroed in place, not set to None: a CUDA graph needs the same .grad tensors on every replay.
+        optimizer.zero_grad(set_to_none=False)
         self.manual_backward(loss)
         # Measured before clipping, so the log shows how hard clipping works.
         return torch.nn.utils.get_total_norm([p.grad for p in network.parameters() if p.grad is not None])
 
-    def _clip_and_step(self, optimizer) -> None:
+    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Whether the loss and gradient are finite, as a device bool (reading it would be a host sync).
+
+        Under DDP the processes agree (a MIN all-reduce), so that their weights and skip counters stay identical.
+        """
+        ok = torch.isfinite(loss.detach() + grad_norm)
+        if self.trainer.world_size > 1:
+            agreed = ok.float()
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            ok = agreed.bool()
+        return ok
+
+    def _clip_and_step(self, optimizer, ok: torch.Tensor) -> None:
+        """Clip and step, or leave the weights, moments and step count alone where `ok` is false.
+
+        Fused Adam reads `found_inf` on the device, the way GradScaler skips steps: its kernel returns at once and
+        the step count it advanced is taken back.
+        """
         self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        getattr(optimizer, "optimizer", optimizer).found_inf = (~ok).float()  # on the torch optimizer itself
         optimizer.step()
 
-    def _skip_update(self, optimizer) -> None:
-        """No (further) optimizer step, no target update; counted and logged; too many in a row stop the run."""
-        optimizer.zero_grad(set_to_none=True)
-        self.skipped_updates += 1
-        if self._skipped_in_a_row == 0:
-            self._streak_start = (self.updates, self.env_steps)
-        self._skipped_in_a_row += 1
-        self.log_vs_env_steps({"train/skipped_updates": float(self.skipped_updates)})
-        if self._skipped_in_a_row >= self.hparams.max_nonfinite_updates:
-            path = save_last_checkpoint(self.trainer)
-            update, env_step = self._streak_start
-            raise TrainingAborted(
-                f"{self._skipped_in_a_row} updates in a row had a NaN/Inf loss or gradient "
-                f"(model.max_nonfinite_updates={self.hparams.max_nonfinite_updates}), starting at update {update}, "
-                f"env step {env_step}; the weights are those before it. Checkpoint written to {path}. Look for "
-                "NaN/Inf in observations or rewards, or lower the learning rates, then resume with `fit --ckpt_path last`"
-            )
+    @torch.no_grad()
+    def _count_skipped(self, ok: torch.Tensor) -> None:
+        skipped, streak, streak_start, tripped_start, update = self._nonfinite.unbind()  # views, updated in place
+        streak_start.copy_(torch.where(streak == 0, update, streak_start))  # a streak, if any, begins here
+        streak.add_(1).mul_((~ok).long())
+        skipped.add_((~ok).long())
+        tripped = (streak >= self.hparams.max_nonfinite_updates) & (tripped_start < 0)
+        tripped_start.copy_(torch.where(tripped, streak_start, tripped_start))
+        update.add_(1)
 
-    def _log_update(self, critic_loss, actor_loss, q1, critic_grad_norm, actor_grad_norm) -> None:
+    def _stop_after_too_many_skipped(self, update: int) -> None:
+        """On logging steps: stop the run with a checkpoint if a streak of skipped updates reached the limit since."""
+        tripped_start = int(self._nonfinite[TRIPPED_START])
+        if tripped_start < 0:
+            return
+        path = save_last_checkpoint(self.trainer)
+        limit = self.hparams.max_nonfinite_updates
+        raise TrainingAborted(
+            f"{limit} updates in a row had a NaN/Inf loss or gradient (model.max_nonfinite_updates={limit}), "
+            f"starting at update {tripped_start}; seen at update {update}, env step {self.env_steps} (checked every "
+            f"model.log_every_n_updates={self.hparams.log_every_n_updates} updates). Skipped updates change no "
+            f"weights. Checkpoint written to {path}. Look for NaN/Inf in observations or rewards, or lower the "
+            "learning rates, then resume with `fit --ckpt_path last`"
+        )
+
+    def _check_cuda_graph_fits(self) -> None:
+        """model.cuda_graph serves one CUDA device in full precision; say so before anything runs otherwise."""
+        trainer = self.trainer
+        device = trainer.strategy.root_device
+        require(device.type == "cuda", "model.cuda_graph", "false on a CPU (it needs trainer.accelerator: gpu)", True)
+        require(
+            trainer.world_size == 1 and not isinstance(trainer.strategy, DDPStrategy), "model.cuda_graph",
+            f"false under trainer.strategy {type(trainer.strategy).__name__} with {trainer.world_size} processes "
+            "(its graphs serve one device; DDP runs the eager update)", True,
+        )
+        require(
+            str(trainer.precision) in ("32-true", "32"), "model.cuda_graph",
+            f"false with trainer.precision {trainer.precision} (its autocast cache cannot be recorded in a graph; "
+            "model.bf16_cnn can)", True,
+        )
+
+    def _log_update(self, update: int, stats: UpdateStats) -> None:
         unlogged_episodes = self._sync_run_totals()
         scalars = {
-            "train/critic_loss": critic_loss.item(),
-            "train/q_mean": q1.mean().item(),
-            "train/q_max": q1.max().item(),
-            "train/critic_grad_norm": critic_grad_norm.item(),
-            "train/updates": float(self.updates),
+            "train/critic_loss": stats.critic_loss.item(),
+            "train/q_mean": stats.q1.mean().item(),
+            "train/q_max": stats.q1.max().item(),
+            "train/critic_grad_norm": stats.critic_grad_norm.item(),
+            "train/updates": float(update),
+            "train/skipped_updates": float(self.skipped_updates),
         }
-        if actor_loss is not None:
-            scalars["train/actor_loss"] = actor_loss.item()
-            scalars["train/actor_grad_norm"] = actor_grad_norm.item()
+        if stats.actor_loss is not None:
+            scalars["train/actor_loss"] = stats.actor_loss.item()
+            scalars["train/actor_grad_norm"] = stats.actor_grad_norm.item()
         self.log_dict(scalars, batch_size=1)  # the dataloader_iter step flavour makes Lightning ask
         self.log_vs_env_steps(scalars)
         if unlogged_episodes:
@@ -392,9 +491,10 @@ class TD3(DrivingModule):
         experiment.add_image("obs/camera_stack", torch.cat(list(image[0]), dim=1).unsqueeze(0), step)
         for name, network in (("actor", self.actor), ("critic", self.critic)):
             for param_name, param in network.named_parameters():
-                experiment.add_histogram(f"weights/{name}.{param_name}", param.detach().float().cpu(), step)
-                if param.grad is not None:
-                    experiment.add_histogram(f"grads/{name}.{param_name}", param.grad.float().cpu(), step)
+                for kind, values in (("weights", param.detach()), ("grads", param.grad)):
+                    # A skipped update leaves its NaN/Inf gradients in place, and those make no histogram.
+                    if values is not None and values.isfinite().all():
+                        experiment.add_histogram(f"{kind}/{name}.{param_name}", values.float().cpu(), step)
             with torch.no_grad():
                 features = network.cnn(image)
             experiment.add_scalar(f"cnn/{name}_feature_mean", features.mean().item(), step)
@@ -447,10 +547,9 @@ def _frozen_copy(network: torch.nn.Module) -> torch.nn.Module:
     return target
 
 
-def _finite(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-    return bool(torch.isfinite(loss.detach() + grad_norm).item())
-
-
 @torch.no_grad()
-def _polyak_update(online: torch.nn.Module, target: torch.nn.Module, tau: float) -> None:
-    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+def _polyak_update(online: torch.nn.Module, target: torch.nn.Module, tau: float, ok: torch.Tensor) -> None:
+    """target += tau (online - target) where `ok`; selected rather than weighted by `ok`, since 0 x NaN is NaN."""
+    targets = list(target.parameters())
+    for old, new in zip(targets, torch._foreach_lerp(targets, list(online.parameters()), tau)):
+        torch.where(ok, new, old, out=old)

@@ -8,14 +8,14 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_td3.errors import TrainingAborted
+from lightning_td3.errors import ConfigError, TrainingAborted
 from lightning_td3.td3 import TD3, clipped_double_q_target, smoothed_target_action
 
 VECTOR = 54
 
 
-def fixed_batch(size: int = 8) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
+def fixed_batch(size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
     return {
         "image": torch.randint(0, 256, (size, 4, 84, 84), dtype=torch.uint8, generator=generator),
         "vector": torch.randn(size, VECTOR, generator=generator),
@@ -148,12 +148,24 @@ def batch_with(**changes) -> dict[str, torch.Tensor]:
 
 
 def fit_on(module: TD3, batch: dict, updates: int = 1, **trainer_args) -> pl.Trainer:
+    return fit_on_batches(module, [batch] * updates, **trainer_args)
+
+
+def fit_on_batches(module: TD3, batches: list[dict], **trainer_args) -> pl.Trainer:
     trainer = pl.Trainer(
-        max_epochs=1, limit_train_batches=updates, limit_val_batches=0, enable_progress_bar=False,
+        max_epochs=1, limit_train_batches=len(batches), limit_val_batches=0, enable_progress_bar=False,
         enable_model_summary=False, **{"logger": False, "enable_checkpointing": False, **trainer_args},
     )
-    trainer.fit(module, train_dataloaders=itertools.repeat(batch))
+    trainer.fit(module, train_dataloaders=iter(batches))
     return trainer
+
+
+def untouched(optimizer: torch.optim.Optimizer) -> bool:
+    """No step taken: a skipped fused Adam step leaves zero moments and a zero step count (or no state at all)."""
+    return all(
+        state["step"] == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+        for state in optimizer.state.values()
+    )
 
 
 @pytest.mark.parametrize(
@@ -167,15 +179,16 @@ def fit_on(module: TD3, batch: dict, updates: int = 1, **trainer_args) -> pl.Tra
 def test_a_non_finite_batch_skips_the_whole_update_and_logs_it(changes, tmp_path):
     torch.manual_seed(0)
     module = TD3(vector_size=VECTOR, hidden_sizes=(32,))
-    module.run_env_steps = 500  # the x axis of *_vs_env_steps: the run's env steps
+    module.env_steps = 500  # the x axis of *_vs_env_steps: the run's env steps (this process's, summed)
     networks = (module.actor, module.critic, module.actor_target, module.critic_target)
     before = [snapshot(network) for network in networks]
 
     trainer = fit_on(module, batch_with(**changes), logger=TensorBoardLogger(tmp_path, name="nan"))
 
     assert not any(changed(old, network) for old, network in zip(before, networks))
-    assert all(not optimizer.state for optimizer in trainer.optimizers), "no optimizer may step"
-    assert module.updates == 0 and module.skipped_updates == 1
+    assert all(untouched(optimizer) for optimizer in trainer.optimizers), "no optimizer may step"
+    assert trainer.optimizers[1].state, "the critic's step ran, as a no-op decided on the device"
+    assert module.updates == 1 and module.skipped_updates == 1
     events = EventAccumulator(trainer.logger.log_dir).Reload()
     (point,) = events.Scalars("train/skipped_updates_vs_env_steps")
     assert (point.step, point.value) == (500, 1.0)
@@ -189,22 +202,104 @@ def test_a_non_finite_actor_loss_skips_the_actor_step_and_the_targets():
     actor, critic = snapshot(module.actor), snapshot(module.critic)
     targets = snapshot(module.actor_target) + snapshot(module.critic_target)
 
-    fit_on(module, fixed_batch())
+    trainer = fit_on(module, fixed_batch())
 
     assert changed(critic, module.critic), "the critic's step came first and stays"
     assert all(torch.equal(old, new) for old, new in zip(actor, module.actor.parameters()) if old.isfinite().all())
+    assert untouched(trainer.optimizers[0]) and not untouched(trainer.optimizers[1])
     assert not changed(targets, torch.nn.ModuleList([module.actor_target, module.critic_target]))
-    assert module.updates == 0 and module.skipped_updates == 1
+    assert module.updates == 1 and module.skipped_updates == 1
 
 
-def test_non_finite_updates_in_a_row_stop_the_run_with_a_checkpoint_saying_where_they_began(tmp_path):
+def test_a_streak_of_non_finite_updates_stops_the_run_at_the_next_logging_step_with_a_checkpoint(tmp_path):
+    """The streak is counted on the device and read on logging steps: a streak that reached the limit between
+    two of them stops the run at the next, even if the updates in between were finite again."""
     torch.manual_seed(0)
-    module = TD3(vector_size=VECTOR, hidden_sizes=(32,), max_nonfinite_updates=3)
-    module.updates, module.env_steps = 10, 1234
-    with pytest.raises(TrainingAborted, match="3 updates in a row .* starting at update 10, env step 1234"):
-        fit_on(module, batch_with(vector=((0, 0), float("nan"))), updates=5,
-               default_root_dir=tmp_path, enable_checkpointing=True)
+    module = TD3(vector_size=VECTOR, hidden_sizes=(32,), max_nonfinite_updates=3, log_every_n_updates=4)
+    module.updates, module.env_steps = 9, 1234  # logging steps: 12, 16, ...
+    poisoned = batch_with(vector=((0, 0), float("nan")))
+    batches = [fixed_batch(), poisoned, poisoned, poisoned, fixed_batch(), fixed_batch()]  # updates 9 to 14
+    with pytest.raises(TrainingAborted, match="3 updates in a row .* starting at update 10; seen at update 12, "
+                                              "env step 1234 .checked every model.log_every_n_updates=4"):
+        fit_on_batches(module, batches, default_root_dir=tmp_path, enable_checkpointing=True)
     (checkpoint,) = tmp_path.rglob("last.ckpt")
     saved = torch.load(checkpoint, weights_only=True)
-    assert saved["td3_progress"]["skipped_updates"] == 3 and saved["td3_progress"]["updates"] == 10
+    assert saved["td3_progress"]["skipped_updates"] == 3 and saved["td3_progress"]["updates"] == 13
     assert all(torch.isfinite(value).all() for value in saved["state_dict"].values())
+
+
+def test_a_shorter_streak_of_non_finite_updates_does_not_stop_the_run():
+    torch.manual_seed(0)
+    module = TD3(vector_size=VECTOR, hidden_sizes=(32,), max_nonfinite_updates=3, log_every_n_updates=2)
+    poisoned = batch_with(reward=(0, float("nan")))
+    batches = [poisoned, poisoned, fixed_batch(), poisoned, poisoned, fixed_batch(), fixed_batch()]
+    fit_on_batches(module, batches)
+    assert module.updates == 7 and module.skipped_updates == 4
+
+
+def reference_td3_updates(module: TD3, batches: list[dict]) -> list[torch.optim.Optimizer]:
+    """The eager update as it was before the skip moved onto the device (host-side branch, one `.item()` per
+    backward), in plain torch: the anchor the sync-free update must match bit for bit."""
+    hp = module.hparams
+    actor_optimizer = torch.optim.Adam(module.actor.parameters(), lr=hp.actor_lr, fused=True)
+    critic_optimizer = torch.optim.Adam(module.critic.parameters(), lr=hp.critic_lr, fused=True)
+
+    def backward_and_step(optimizer, loss, network) -> bool:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in network.parameters() if p.grad is not None])
+        if not torch.isfinite(loss.detach() + grad_norm).item():
+            return False
+        torch.nn.utils.clip_grad_norm_(list(network.parameters()), hp.max_grad_norm)
+        optimizer.step()
+        return True
+
+    for update, batch in enumerate(batches):
+        with torch.no_grad():
+            next_action = smoothed_target_action(
+                module.actor_target(batch["next_image"], batch["next_vector"]), hp.policy_noise, hp.noise_clip
+            )
+            next_q1, next_q2 = module.critic_target(batch["next_image"], batch["next_vector"], next_action)
+            target_q = clipped_double_q_target(batch["reward"], batch["terminated"], next_q1, next_q2, hp.gamma)
+        q1, q2 = module.critic(batch["image"], batch["vector"], batch["action"])
+        critic_loss = torch.nn.functional.mse_loss(q1, target_q) + torch.nn.functional.mse_loss(q2, target_q)
+        if not backward_and_step(critic_optimizer, critic_loss, module.critic) or update % hp.policy_delay:
+            continue
+        module.critic.requires_grad_(False)
+        actor_loss = -module.critic.q1(batch["image"], batch["vector"], module.actor(batch["image"], batch["vector"]))
+        stepped = backward_and_step(actor_optimizer, actor_loss.mean(), module.actor)
+        module.critic.requires_grad_(True)
+        if stepped:
+            with torch.no_grad():
+                for online, target in ((module.actor, module.actor_target), (module.critic, module.critic_target)):
+                    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), hp.tau)
+    return [actor_optimizer, critic_optimizer]
+
+
+def test_the_sync_free_update_matches_the_host_branching_update_bit_for_bit():
+    torch.manual_seed(0)
+    module = TD3(vector_size=VECTOR, hidden_sizes=(32,), layer_norm=True, max_grad_norm=0.5)  # clipping at work
+    reference = TD3(vector_size=VECTOR, hidden_sizes=(32,), layer_norm=True, max_grad_norm=0.5)
+    reference.load_state_dict(module.state_dict())
+    batches = [fixed_batch(seed=seed) for seed in range(5)]  # updates 0 to 4: three actor + Polyak updates
+
+    torch.manual_seed(1)  # the target smoothing noise, drawn alike on both sides
+    trainer = fit_on_batches(module, batches)
+    torch.manual_seed(1)
+    reference_optimizers = reference_td3_updates(reference, batches)
+
+    assert module.updates == 5 and module.skipped_updates == 0
+    for name, value in reference.state_dict().items():
+        assert torch.equal(module.state_dict()[name], value), name
+    for ours, theirs in zip(trainer.optimizers, reference_optimizers):
+        for param_state, reference_state in zip(ours.state.values(), theirs.state.values(), strict=True):
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(param_state[key], reference_state[key]), key
+    assert not changed(snapshot(reference.actor_target), module.actor_target), "targets moved alike"
+
+
+def test_cuda_graph_is_refused_on_a_cpu_and_with_compile():
+    with pytest.raises(ConfigError, match="model.cuda_graph must be false on a CPU .it needs trainer.accelerator: gpu"):
+        fit_on(TD3(vector_size=VECTOR, hidden_sizes=(32,), cuda_graph=True), fixed_batch())
+    with pytest.raises(ConfigError, match="model.cuda_graph must be false when model.compile is true"):
+        TD3(vector_size=VECTOR, cuda_graph=True, compile=True)
