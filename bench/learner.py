@@ -1,7 +1,7 @@
 """TD3 learner throughput, ours vs Stable-Baselines3, in the same run, on the same device and thread count.
 
     python bench/learner.py [--device cpu|cuda] [--rounds 3] [--updates 30] [--batch-size 256]
-                            [--compile] [--bf16-cnn] [--channels-last]
+                            [--compile] [--bf16-cnn] [--channels-last] [--cuda-graph] [--skip-sb3] [--fixed-batch]
 
 Both learners do the same update (batch 256, twin critics and an actor with separate NatureCNNs of 512
 features, heads 256-256, policy delay 2) on image 4x84x84 uint8 + vector (our env's size) observations:
@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="TD3(compile=True): torch.compile the networks")
     parser.add_argument("--bf16-cnn", action="store_true", help="TD3(bf16_cnn=True): bf16 autocast CNNs (CUDA)")
     parser.add_argument("--channels-last", action="store_true", help="TD3(channels_last=True)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="TD3(cuda_graph=True): replay the update from CUDA graphs (CUDA only)")
     parser.add_argument("--skip-sb3", action="store_true", help="time ours only (no ratio)")
     parser.add_argument("--fixed-batch", action="store_true",
                         help="feed ours one sampled batch over and over (still copied to the device each update): "
@@ -145,7 +147,7 @@ def main() -> None:
     loader = DataLoader(stream, batch_size=None, num_workers=0, pin_memory=args.device == "cuda")
     if args.fixed_batch:
         loader = itertools.repeat(next(iter(loader)))
-    speedups = {name: True for name in ("compile", "bf16_cnn", "channels_last") if getattr(args, name)}
+    speedups = {name: True for name in ("compile", "bf16_cnn", "channels_last", "cuda_graph") if getattr(args, name)}
     module = TD3(vector_size=vector_size, log_every_n_updates=100, log_images_every_n_updates=10**9, **speedups)
 
     print(f"device: {device_name(args.device)}; batch {args.batch_size}; {args.rounds} rounds x {args.updates} "

@@ -1,6 +1,7 @@
 """CUDA paths: batches pinned and moved without blocking, updates on the GPU, checkpoints that load on a CPU."""
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from lightning_td3.envs import DrivingEnv, EnvConfig
@@ -32,3 +33,67 @@ def test_actor_acts_on_gpu_batches():
     }
     actions = module.act(observation)
     assert actions.shape == (3, 2) and abs(actions).max() <= 1.0
+
+
+def cuda_batches(count: int, size: int = 16) -> list[dict[str, torch.Tensor]]:
+    from tests.test_td3 import fixed_batch
+
+    return [fixed_batch(size, seed=seed) for seed in range(count)]
+
+
+def fit_on_gpu(module: TD3, batches: list[dict]) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="gpu", devices=1, max_epochs=1, limit_train_batches=len(batches), limit_val_batches=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=iter(batches))
+    return trainer
+
+
+@pytest.mark.parametrize("speedups", [{}, {"channels_last": True, "bf16_cnn": True}])
+def test_cuda_graph_update_matches_the_eager_update(speedups, monkeypatch):
+    """Eager warm-up, then both graphs (critic only; critic + actor + Polyak) recorded and replayed, a NaN batch
+    among the replays: the weights, targets, Adam state and counters must come out as the eager update's."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # the same conv kernels on both sides
+    batches = cuda_batches(10)
+    batches[7] = {**batches[7], "reward": batches[7]["reward"].clone()}
+    batches[7]["reward"][0] = float("nan")  # update 7, replayed: a skipped critic-only update
+    settings = dict(vector_size=54, hidden_sizes=(32,), layer_norm=True, max_grad_norm=1.0, log_every_n_updates=3,
+                    policy_noise=0.0, **speedups)  # no smoothing noise: the graph's RNG offsets are its own
+    torch.manual_seed(0)
+    eager = TD3(**settings)
+    graphed = TD3(**settings, cuda_graph=True)
+    graphed.load_state_dict(eager.state_dict())
+    before = {name: value.clone() for name, value in eager.state_dict().items()}
+
+    eager_trainer = fit_on_gpu(eager, batches)
+    graphed_trainer = fit_on_gpu(graphed, batches)
+
+    assert graphed._graphed_update.graphs.keys() == {True, False}, "both kinds of update were replayed"
+    assert graphed.updates == eager.updates == 10 and graphed.skipped_updates == eager.skipped_updates == 1
+    assert graphed_trainer.global_step == eager_trainer.global_step == 15, "Lightning counts the graphs' steps"
+    for name, value in eager.state_dict().items():
+        assert not torch.equal(value, before[name]), f"{name} never moved"
+        torch.testing.assert_close(graphed.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # Adam steps: the actor's at updates 0, 2, 4, 6, 8; the critic's at every update but the skipped one.
+    for ours, theirs, steps in zip(graphed_trainer.optimizers, eager_trainer.optimizers, (5, 9)):
+        for param_state, eager_state in zip(ours.state.values(), theirs.state.values(), strict=True):
+            assert param_state["step"] == eager_state["step"] == steps
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(param_state[key], eager_state[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_cuda_graph_fit_resumes_from_its_checkpoint(tmp_path):
+    """A graphed run checkpoints capturable Adam state; the resumed fit records its graphs afresh and goes on."""
+    graph = ("--trainer.accelerator", "gpu", "--trainer.devices", "1", "--model.init_args.cuda_graph", "true")
+    fit(tmp_path, *graph)
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    result = fit(tmp_path, *graph, "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"),
+                 **{"trainer.max_epochs": 2})
+    second = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert first["td3_progress"]["updates"] == 6 and second["td3_progress"]["updates"] == 12
+    assert result.trainer.global_step == second["global_step"] == 18
+    assert result.model._graphed_update.graphs, "the resumed fit replays graphs"
+    critic_steps = [state["step"] for state in second["optimizer_states"][1]["state"].values()]
+    assert all(step == 12 for step in critic_steps)
+    assert all(torch.isfinite(value).all() for value in second["state_dict"].values())
