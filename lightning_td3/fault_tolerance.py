@@ -61,7 +61,9 @@ def stop_together(trainer: pl.Trainer, module, failure: str | None = None, busy:
         votes = torch.tensor(
             [int(signal_name is not None), int(failure is not None), int(busy), module.env_steps], device=module.device
         )
-        signals, failures, busy_processes, run_env_steps = trainer.strategy.reduce(votes, reduce_op="sum").tolist()
+        # torch's all-reduce itself, not the strategy's `reduce`, which puts a barrier (a second collective) first.
+        torch.distributed.all_reduce(votes)
+        signals, failures, busy_processes, run_env_steps = votes.tolist()
         if not signals and not failures:
             return busy_processes > 0
         reasons = gather_per_process((signal_name, failure))
