@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_td3.envs import EnvConfig
-from lightning_td3.envs.carla_servers import training_env_configs
+from lightning_td3.envs.carla_servers import live_envs, server_address, training_env_configs, uses_server_list
 from lightning_td3.errors import CheckpointError, require
 from lightning_td3.evaluation import EpisodeSpec
 from lightning_td3.replay import ReplayBuffer
@@ -85,8 +86,10 @@ class ReplayDataModule(pl.LightningDataModule):
         self.test_seed = test_seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.replay_files_kept = replay_files_kept
-        # This process's training envs (CARLA: its slice of env.carla.servers that answered), set up by `setup`.
+        # This process's training envs, one replay ring each (CARLA: its slice of env.carla.servers), set up by
+        # `setup`, and those of them that run (CARLA: whose server answers; the Collector drops those that die).
         self.env_configs: list[EnvConfig] | None = None
+        self.live_envs: list[int] = []
         self.buffer: ReplayBuffer | None = None
         self._sampler_rng: np.random.Generator | None = None
         self._replay_session = time.strftime("%Y%m%d-%H%M%S-") + f"{time.time_ns() // 1_000_000 % 1000:03d}"
@@ -101,6 +104,7 @@ class ReplayDataModule(pl.LightningDataModule):
         )
         if self.env_configs is None:
             self.env_configs = training_env_configs(self.env, self.num_envs, self._rank(), world_size)
+            self.live_envs = live_envs(self.env, self.env_configs, range(len(self.env_configs)))
         if stage == "fit" and self.buffer is None:
             self.buffer = ReplayBuffer(self.buffer_capacity, len(self.env_configs), self.env.vector_size)
             self._sampler_rng = stream_rng("replay_sampler", self._rank())
@@ -116,8 +120,9 @@ class ReplayDataModule(pl.LightningDataModule):
         return self._episodes(self.test_seed)
 
     def _episodes(self, first_seed: int) -> DataLoader:
-        # Evaluated on this process's first training server (CARLA); the same task, so the same seeds either way.
-        specs = [EpisodeSpec(env_config=self.env_configs[0], seed=first_seed + i) for i in range(self.eval_episodes)]
+        # Evaluated on this process's first live training server (CARLA); the same task, so the same seeds either way.
+        env_config = self.env_configs[self.live_envs[0] if self.live_envs else 0]
+        specs = [EpisodeSpec(env_config=env_config, seed=first_seed + i) for i in range(self.eval_episodes)]
         # Process r runs episodes r, r + world_size, ...: every seed exactly once (Lightning's default
         # DistributedSampler would repeat some to even out the shares).
         sampler = UnrepeatedDistributedSampler(specs, num_replicas=self._world_size(), rank=self._rank(), shuffle=False)
@@ -140,7 +145,11 @@ class ReplayDataModule(pl.LightningDataModule):
         directory = self.replay_dir()
         path = directory / shard_name(key, rank, world_size)
         if self._saved_replay != (fingerprint, key) or not path.exists():
-            save_shard(path, self.buffer, key, rank, world_size, {"sampler_rng": self._sampler_rng.bit_generator.state})
+            save_shard(path, self.buffer, key, rank, world_size, {
+                "sampler_rng": self._sampler_rng.bit_generator.state,
+                "ring_servers": self._ring_servers(),  # which server filled each ring: a resume must keep that
+                "live_envs": list(self.live_envs),
+            })
             self._saved_replay = (fingerprint, key)
             for stale in shards_of_rank(directory, rank, world_size)[: -self.replay_files_kept]:
                 stale.unlink(missing_ok=True)
@@ -170,7 +179,21 @@ class ReplayDataModule(pl.LightningDataModule):
                 f"{self.replay_files_kept} replay files are kept; older checkpoints validate and test but cannot resume"
             )
         extra = load_shard(path, self.buffer, record["key"], rank, world_size)
+        saved_servers = extra.get("ring_servers")  # absent from shards written before servers were recorded
+        if saved_servers is not None and saved_servers != self._ring_servers():
+            raise CheckpointError(
+                f"process {rank}'s replay rings were filled from the CARLA servers {saved_servers}, and "
+                f"env.carla.servers now gives it {self._ring_servers()}; resume with the same server list (a dead "
+                "server may stay in it: it is left out with a warning)"
+            )
         self._sampler_rng.bit_generator.state = extra["sampler_rng"]
+        saved_live = extra.get("live_envs")
+        if saved_live is not None and saved_live != self.live_envs:
+            servers = self._ring_servers()
+            warnings.warn(
+                f"process {rank} resumes with the CARLA servers {[servers[i] for i in self.live_envs]} live; at the "
+                f"checkpoint {[servers[i] for i in saved_live]} were (each ring stays with its server)", stacklevel=2
+            )
 
     def replay_dir(self) -> Path:
         """`replay/` beside the checkpoints (the ModelCheckpoint's directory), else under the trainer's root dir."""
@@ -178,6 +201,10 @@ class ReplayDataModule(pl.LightningDataModule):
         if callback is not None and callback.dirpath:
             return Path(callback.dirpath) / "replay"
         return Path(self.trainer.default_root_dir) / "replay"
+
+    def _ring_servers(self) -> list[str] | None:
+        """`host:port` of each ring's server, in ring order; None without a server list."""
+        return [server_address(config) for config in self.env_configs] if uses_server_list(self.env) else None
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1

@@ -10,8 +10,11 @@ counted in its own env steps; the module sums the counters over the processes wh
 
 A simulator that fails mid-episode (a CARLA time-out, any exception from an env's step or reset) costs the open
 episodes of the vector env: they are closed in replay without a next observation (so no target bootstraps across
-the gap), the envs are rebuilt and collection goes on. After `max_env_failures` failures in a row the process
-collects no more and the run stops at the next safe point with `last.ckpt` and `TrainingAborted`.
+the gap), the envs are rebuilt and collection goes on. With a list of CARLA servers, those that no longer answer
+are left out of the rebuilt envs, with a warning naming them (`envs.carla_servers`): their replay rings keep what
+they hold, and the process goes on with the envs it has left. After `max_env_failures` failures in a row, or with
+no server left, the process collects no more and the run stops at the next safe point with `last.ckpt` and
+`TrainingAborted`.
 
 The safe points are the Collector's (`fault_tolerance.stop_together`): before every update, after collecting, and
 between warm-up steps. Under DDP every process reaches them at the same update, so a stop signal or a failure on
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import pickle
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import fields
 from functools import partial
@@ -30,10 +34,12 @@ from functools import partial
 import numpy as np
 import pytorch_lightning as pl
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
 from lightning_td3.envs import DrivingEnv, EnvConfig
+from lightning_td3.envs.carla_backend import CarlaConnectionError
+from lightning_td3.envs.carla_servers import live_envs
 from lightning_td3.errors import ConfigError, require
 from lightning_td3.evaluation import EpisodeResult
 from lightning_td3.fault_tolerance import stop_together
@@ -110,7 +116,7 @@ class Collector(pl.Callback):
         data = trainer.datamodule
         if data is None or getattr(data, "buffer", None) is None:
             raise ConfigError("the Collector needs data: datamodules.replay.ReplayDataModule (it holds the replay)")
-        self.envs = make_vector_env(data.env_configs, self.async_envs)
+        self.envs = self._make_envs(data)
         self._rng = stream_rng("exploration", trainer.global_rank)
         if self._restored is not None:
             self._resume(own_state(trainer, self._restored, "the training envs"), data.buffer, trainer.global_rank)
@@ -172,7 +178,7 @@ class Collector(pl.Callback):
         self._failures_in_a_row = 0
         done = terminated | truncated
         next_obs = _with_final_observations(obs, info, done)
-        trainer.datamodule.buffer.add(self._obs, actions, reward, next_obs, terminated, truncated)
+        _add_to_rings(trainer.datamodule, self._obs, actions, reward, next_obs, terminated, truncated)
         self._env_seconds += time.perf_counter() - started
         self._obs = obs
         module.env_steps += num_envs
@@ -193,6 +199,14 @@ class Collector(pl.Callback):
             self._failures_in_a_row += 1
             module.log_vs_env_steps({"train/env_failures": float(self.env_failures)})
             self._close_envs()
+            try:
+                data.live_envs = live_envs(data.env, data.env_configs, data.live_envs)  # a dead server is left out
+            except CarlaConnectionError as none_left:
+                self._gave_up = (
+                    f"{none_left} (after a training env failed at env step {module.env_steps}: "
+                    f"{type(error).__name__}: {error})"
+                )
+                return
             if self._failures_in_a_row >= self.max_env_failures:
                 # The next safe point stops the run (every process, under DDP) with a checkpoint.
                 self._gave_up = (
@@ -201,16 +215,21 @@ class Collector(pl.Callback):
                     f"{type(error).__name__}: {error}"
                 )
                 return
-            rank_zero_warn(
+            # Every process's own warning: under DDP the failing one may not be rank 0.
+            warnings.warn(
                 f"training env failed at env step {module.env_steps} ({type(error).__name__}: {error}); open episodes "
-                f"dropped, envs rebuilt ({self._failures_in_a_row}/{self.max_env_failures} failures in a row)"
+                f"dropped, envs rebuilt ({self._failures_in_a_row}/{self.max_env_failures} failures in a row)",
+                stacklevel=2,
             )
             try:
-                self.envs = make_vector_env(data.env_configs, self.async_envs)
+                self.envs = self._make_envs(data)
                 self._obs, _ = self.envs.reset(seed=int(self._rng.integers(2**31)))
                 return
             except Exception as rebuild_error:
                 error = rebuild_error
+
+    def _make_envs(self, data) -> VectorEnv:
+        return make_vector_env([data.env_configs[index] for index in data.live_envs], self.async_envs)
 
     def _close_envs(self) -> None:
         if self.envs is None:
@@ -218,7 +237,7 @@ class Collector(pl.Callback):
         try:
             self.envs.close()
         except Exception as why:  # a crashed simulator may not close cleanly; its replacement is built anyway
-            rank_zero_warn(f"closing the failed training envs raised {type(why).__name__}: {why}")
+            warnings.warn(f"closing the failed training envs raised {type(why).__name__}: {why}", stacklevel=2)
         self.envs = None
 
     def _record_episodes(self, module, final_info: dict, finished: np.ndarray) -> None:
@@ -253,7 +272,8 @@ class Collector(pl.Callback):
                 # Pickled: simulator objects are not tensors, and bytes pass Lightning's weights_only loading.
                 env_states = pickle.dumps(list(self.envs.get_attr("simulator_state")))
             except NotImplementedError as why:
-                rank_zero_warn(f"env state is not saved ({why}); a resumed run restarts its training episodes")
+                warnings.warn(f"env state is not saved ({why}); a resumed run restarts its training episodes",
+                              stacklevel=2)
         return {
             "obs": arrays_to_tensors(self._obs),
             "env_states": env_states,
@@ -270,14 +290,35 @@ class Collector(pl.Callback):
         self._rng.bit_generator.state = state["rng"]
         self._last_return = state["last_return"]
         self.env_failures = state["env_failures"]
-        if state["env_states"] is None:
-            for env_index in range(self.envs.num_envs):
-                buffer.drop_episode(env_index)
+        env_states = None if state["env_states"] is None else pickle.loads(state["env_states"])
+        if env_states is None or len(env_states) != self.envs.num_envs:  # (or other servers answer now)
+            for ring in range(buffer.num_envs):
+                buffer.drop_episode(ring)
             self._obs, _ = self.envs.reset(seed=stream_seed("train_envs_resumed", rank) % 2**31)
             return
         self.envs.reset()
-        self.envs.set_attr("simulator_state", pickle.loads(state["env_states"]))
+        self.envs.set_attr("simulator_state", env_states)
         self._obs = tensors_to_arrays(state["obs"])
+
+
+def _add_to_rings(data, obs, actions, reward, next_obs, terminated, truncated) -> None:
+    """Add one vector step to replay: live env i writes ring `data.live_envs[i]`; the rings of envs left out (their
+    server died) get nothing and keep what they hold."""
+    buffer, rings = data.buffer, data.live_envs
+    if len(rings) == buffer.num_envs:
+        buffer.add(obs, actions, reward, next_obs, terminated, truncated)
+        return
+
+    def spread(array: np.ndarray) -> np.ndarray:
+        full = np.zeros((buffer.num_envs, *array.shape[1:]), array.dtype)
+        full[rings] = array
+        return full
+
+    buffer.add(
+        {key: spread(value) for key, value in obs.items()}, spread(actions), spread(reward),
+        {key: spread(value) for key, value in next_obs.items()}, spread(terminated), spread(truncated),
+        mask=np.isin(np.arange(buffer.num_envs), rings),
+    )
 
 
 def _with_final_observations(obs: dict[str, np.ndarray], info: dict, done: np.ndarray) -> dict[str, np.ndarray]:

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytorch_lightning as pl
 
-from lightning_td3.envs import contract
+from lightning_td3.envs import carla_backend, contract
 from lightning_td3.envs.highway_backend import HighwayBackend
 from lightning_td3.replay import ReplayBuffer
+from tests.test_carla_backend import FakeCarlaClient, FakeCarlaWorld
 
 SIMULATOR_TIMEOUT = "time-out of 10000ms while waiting for the simulator (raised by the CrashingBackend test double)"
 
@@ -124,3 +125,59 @@ class CrashOnRank(pl.Callback):
         if trainer.global_rank == self.rank:
             plan = FaultPlan(crash_from_step=self.crash_from_step)
             contract.make_backend = lambda config: CrashingBackend(config, plan)
+
+
+class DyingCarlaWorld(FakeCarlaWorld):
+    """Server-side test double: the fixture world of one CARLA server, whose ticks time out once it is killed
+    (by `kill`, or at its tick number `dies_at_tick`)."""
+
+    def __init__(self, dies_at_tick: int | None = None):
+        super().__init__()
+        self.killed = False
+        self.dies_at_tick = dies_at_tick
+
+    def tick(self, seconds: float = 10.0) -> int:
+        if self.dies_at_tick is not None and self.ticks + 1 >= self.dies_at_tick:
+            self.killed = True
+        if self.killed:
+            raise RuntimeError(f"time-out of {seconds * 1000:.0f}ms while waiting for the simulator")
+        return super().tick(seconds)
+
+
+class DyingCarlaServers:
+    """Server-side test double: a CARLA server (a `DyingCarlaWorld`) per "host:port" address; a killed one stops
+    answering: its world's ticks and any new client's version query time out, as a crashed server's do."""
+
+    def __init__(self, addresses: list[str], dies_at_tick: dict[str, int] | None = None):
+        self.worlds = {
+            _address(a): DyingCarlaWorld((dies_at_tick or {}).get(a)) for a in addresses
+        }
+
+    def kill(self, address: str) -> None:
+        self.worlds[_address(address)].killed = True
+
+    def client(self, host: str, port: int) -> "DyingCarlaServers.Client":
+        return DyingCarlaServers.Client(self.worlds[host, port])
+
+    def install(self) -> None:
+        """Every CARLA client made from now on (in this process) talks to these servers."""
+        carla_backend.carla.Client = self.client
+
+    class Client(FakeCarlaClient):
+        def get_server_version(self) -> str:
+            if self.world.killed:
+                raise RuntimeError("time-out of 500ms while waiting for the simulator")
+            return "0.9.16"
+
+
+def _address(address: str) -> tuple[str, int]:
+    host, port = address.split(":")[:2]
+    return host, int(port)
+
+
+class CarlaServerDoubles(pl.Callback):
+    """For a DDP run started as a real command: installs `DyingCarlaServers` in every process as the config is read,
+    before the datamodule asks its servers (callbacks are built first; their hooks would come too late)."""
+
+    def __init__(self, servers: list[str], dies_at_tick: dict[str, int]):
+        DyingCarlaServers(servers, dies_at_tick).install()

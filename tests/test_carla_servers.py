@@ -1,17 +1,22 @@
 """Training over many CARLA servers without a CARLA server: the list's format, each process's slice, and dead
-servers dropped. Only the server side is a test double (`FakeCarlaServers`); parsing, slicing, the connection
-check (`carla_backend.connect`) and the datamodule are the real code."""
+servers dropped, at start and mid-run. Only the server side is a test double (`FakeCarlaServers`, and
+`DyingCarlaServers` whose worlds are the fixture world of tests/test_carla_backend.py); parsing, slicing, the
+connection check (`carla_backend.connect`), the CARLA backend, the collector and the datamodule are the real code."""
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from datamodules.replay import ReplayDataModule
+from lightning_td3.collector import Collector
 from lightning_td3.envs import CarlaConfig, EnvConfig, carla_backend
 from lightning_td3.envs.carla_backend import CarlaConnectionError
 from lightning_td3.envs.carla_servers import answering_servers, process_servers, training_env_configs
 from lightning_td3.envs.config import CarlaServer
-from lightning_td3.errors import ConfigError
+from lightning_td3.errors import CheckpointError, ConfigError
+from tests.faults import DyingCarlaServers
+from tests.test_collector import RecordingModule
 
 SERVERS = ["sim-a:2000", "sim-a:2002", "sim-b:2000:9100", "sim-c:2000"]
 
@@ -129,9 +134,10 @@ def test_the_datamodule_builds_this_process_envs_and_replay_from_its_live_server
     with pytest.warns(UserWarning, match="sim-b:2000"):
         data.setup("fit")
     assert [(c.carla.host, c.carla.port, c.carla.tm_port, c.carla.servers) for c in data.env_configs] == [
-        ("sim-c", 2000, 8003, ())
+        ("sim-b", 2000, 9100, ()), ("sim-c", 2000, 8003, ())
     ]
-    assert data.buffer.num_envs == 1  # one replay ring per env this process runs
+    assert data.live_envs == [1]  # only sim-c's env runs
+    assert data.buffer.num_envs == 2  # one replay ring per server of the slice, dead or not: resumes map them alike
     (spec,) = list(data.val_dataloader())  # process 1 of 2 runs the second of the two episodes
     assert spec.env_config.carla.host == "sim-c" and spec.seed == data.eval_seed + 1
 
@@ -139,3 +145,100 @@ def test_the_datamodule_builds_this_process_envs_and_replay_from_its_live_server
 def test_without_a_server_list_every_env_uses_the_one_config():
     env = EnvConfig(num_waypoints=5)
     assert training_env_configs(env, num_envs=3, rank=1, world_size=2) == [env, env, env]
+    data = ReplayDataModule(env=env, num_envs=3, buffer_capacity=100)
+    data.setup("fit")
+    assert data.live_envs == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------ servers dying mid-run
+
+TWO_SERVERS = ["sim-a:2000", "sim-b:2000"]
+
+
+@pytest.fixture
+def dying_servers(monkeypatch) -> DyingCarlaServers:
+    servers = DyingCarlaServers(TWO_SERVERS)
+    monkeypatch.setattr(carla_backend.carla, "Client", servers.client)
+    return servers
+
+
+def carla_data(servers=TWO_SERVERS, root=None) -> ReplayDataModule:
+    env = EnvConfig(backend="carla", route_length_m=100.0, num_waypoints=5,
+                    carla={"servers": servers, "timeout_s": 0.5, "npc_vehicles": (0, 0, 0)})
+    data = ReplayDataModule(env=env, num_envs=2, buffer_capacity=200, eval_episodes=1)
+    data.trainer = SimpleNamespace(global_rank=0, world_size=1, checkpoint_callback=None, default_root_dir=str(root),
+                                   ckpt_path=None, strategy=SimpleNamespace(broadcast=lambda obj, src: obj))
+    data.setup("fit")
+    return data
+
+
+def collecting(data: ReplayDataModule) -> tuple[Collector, SimpleNamespace, RecordingModule]:
+    collector = Collector(learning_starts=10**6, async_envs=False, max_env_failures=3)
+    collector.envs = collector._make_envs(data)
+    collector._rng = np.random.default_rng(0)
+    collector._obs, _ = collector.envs.reset(seed=3)
+    return collector, SimpleNamespace(datamodule=data, global_rank=0), RecordingModule()
+
+
+def test_a_server_dying_mid_run_is_dropped_with_a_warning_and_collection_goes_on_with_the_rest(dying_servers):
+    data = carla_data()
+    collector, trainer, module = collecting(data)
+    for _ in range(3):
+        collector._collect(trainer, module)
+    written_before = data.buffer._written.copy()
+
+    dying_servers.kill("sim-b:2000")
+    with pytest.warns(UserWarning, match="CARLA server sim-b:2000 is left out of training") as caught:
+        for _ in range(4):
+            collector._collect(trainer, module)
+    try:
+        assert sum("left out of training" in str(w.message) for w in caught) == 1
+        assert data.live_envs == [0] and collector.envs.num_envs == 1 and collector._gave_up is None
+        assert collector.env_failures == 1
+        assert module.env_steps == 2 * 3 + 1 * 3  # the failed step counted nothing; then one env per step
+        # sim-b's ring keeps its transitions and gets no more; sim-a's ring goes on (a new episode after the crash).
+        assert data.buffer._written[1] == written_before[1] and data.buffer._written[0] > written_before[0]
+        assert data.buffer._transitions[1] == 3 and len(data.buffer) == 3 + 3 + 3
+        data.buffer.sample(64, np.random.default_rng(0))
+        (spec,) = list(data.val_dataloader())
+        assert spec.env_config.carla.host == "sim-a"  # evaluation runs on a live server
+    finally:
+        collector._close_envs()
+
+
+def test_with_no_server_left_the_process_gives_up_naming_its_servers(dying_servers):
+    data = carla_data()
+    collector, trainer, module = collecting(data)
+    collector._collect(trainer, module)
+    dying_servers.kill("sim-a:2000")
+    dying_servers.kill("sim-b:2000")
+    with pytest.warns(UserWarning, match="left out of training"):
+        collector._collect(trainer, module)
+    assert collector.envs is None and collector.env_failures == 1
+    assert "none of this process's CARLA servers (sim-a:2000, sim-b:2000) answered" in collector._gave_up
+    assert "time-out" in collector._gave_up  # and the failure that led there
+
+
+def test_the_replay_file_records_each_rings_server_and_a_resume_keeps_that_mapping(dying_servers, tmp_path):
+    data = carla_data(root=tmp_path)
+    collector, trainer, module = collecting(data)
+    for _ in range(3):
+        collector._collect(trainer, module)
+    collector._close_envs()
+    record = data.state_dict()
+
+    dying_servers.kill("sim-b:2000")  # dead when the run resumes: left out, its ring restored all the same
+    with pytest.warns(UserWarning, match="sim-b:2000 is left out"):
+        resumed = carla_data(root=tmp_path)
+    with pytest.warns(UserWarning, match=r"process 0 resumes with the CARLA servers \['sim-a:2000'\] live; at the "
+                                         r"checkpoint \['sim-a:2000', 'sim-b:2000'\] were"):
+        resumed.load_state_dict(record)
+    assert resumed.live_envs == [0] and resumed.buffer.num_envs == 2
+    assert np.array_equal(resumed.buffer._transitions, data.buffer._transitions)
+
+    with pytest.warns(UserWarning, match="sim-b:2000 is left out"):
+        reordered = carla_data(servers=TWO_SERVERS[::-1], root=tmp_path)
+    with pytest.raises(CheckpointError, match=r"process 0's replay rings were filled from the CARLA servers "
+                                              r"\['sim-a:2000', 'sim-b:2000'\], and env\.carla\.servers now gives it "
+                                              r"\['sim-b:2000', 'sim-a:2000'\]"):
+        reordered.load_state_dict(record)

@@ -110,7 +110,7 @@ def test_bad_collector_settings_are_rejected_naming_the_field(field, value):
 
 def collector_on(config, num_envs: int, buffer, module, **settings):
     collector = Collector(learning_starts=10**6, async_envs=False, **settings)
-    data = SimpleNamespace(buffer=buffer, env_configs=[config] * num_envs)
+    data = SimpleNamespace(buffer=buffer, env=config, env_configs=[config] * num_envs, live_envs=list(range(num_envs)))
     trainer = SimpleNamespace(datamodule=data, global_rank=0)
     collector.envs = make_vector_env(data.env_configs, asynchronous=False)
     collector._rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_td3.errors import ConfigError
 from lightning_td3.td3 import _let_ddp_find_unused_parameters
-from tests.faults import SIMULATOR_TIMEOUT, CrashOnRank
+from tests.faults import SIMULATOR_TIMEOUT, CarlaServerDoubles, CrashOnRank
 from tests.rank_snapshot import RankSnapshot
 from tests.tiny_run import tiny_config
 
@@ -234,3 +234,24 @@ def test_sigterm_to_one_process_stops_every_process_with_one_checkpoint(tmp_path
     stopped = f"stopped by SIGTERM (received by process 1 of 2) at env step {progress['env_steps']}; checkpoint written"
     assert output.count(stopped) == WORLD_SIZE, output[-3000:]
     assert "Traceback" not in output
+
+
+def test_a_carla_server_dying_on_one_process_is_dropped_and_the_run_goes_on_with_fewer_envs_there(tmp_path):
+    servers = ["sim-a:2000", "sim-b:2000", "sim-c:2000", "sim-d:2000"]  # rank 1 runs sim-c and sim-d
+    doubles = {"class_path": f"{CarlaServerDoubles.__module__}.CarlaServerDoubles",
+               "init_args": {"servers": servers, "dies_at_tick": {"sim-d:2000": 16}}}  # during warm-up
+    env = {"backend": "carla", "route_length_m": 100.0, "max_steps": 12, "num_waypoints": 5,
+           "carla": {"servers": servers, "timeout_s": 0.5, "npc_vehicles": [0, 0, 0]}}
+    code, output = DdpRun(ddp_config(tmp_path, doubles, **{"data.env": env})).finish()
+
+    assert code == 0, output[-3000:]
+    assert output.count("CARLA server sim-d:2000 is left out of training") == 1, output[-3000:]
+    rank0, rank1 = load_ranks(tmp_path)
+    assert rank0["updates"] == rank1["updates"] == 2 * UPDATES_PER_EPOCH
+    for name in rank0["final"]:
+        assert torch.equal(rank0["final"][name], rank1["final"][name]), name
+    # Rank 1 warmed up and collected on one env after the drop: its env steps came one at a time.
+    assert 0 <= rank0["env_steps"] - 30 - rank0["updates"] < 2
+    assert rank1["env_steps"] - 30 - rank1["updates"] == 0
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert [p["env_states"] for p in saved["callbacks"]["Collector"]["per_process"]] == [None, None]  # CARLA

@@ -1,13 +1,16 @@
 """Training envs over many CARLA servers: each DDP process takes its slice of the list, dead servers are dropped.
 
-A server that does not answer when training starts is left out with a warning and the process goes on with the
-envs of the servers that did; only a process left with none stops, with one error naming its servers. (A server
-that dies later is the collector's business: its env is rebuilt or the run stops, as for any simulator failure.)
+Each entry of a process's slice is one training env with its own replay ring, fixed by the list (so a resume maps
+rings to servers as before). A server that does not answer, when training starts or when the Collector rebuilds
+its envs after a failure, is left out with a warning naming it and the process goes on with the envs of the
+servers that do (its ring keeps what it holds); only a process left with none stops: with one error naming its
+servers at start, through the collective stop (`fault_tolerance.stop_together`) mid-run.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -53,12 +56,30 @@ def answering_servers(servers: list[CarlaServer], config: CarlaConfig) -> list[C
 
 
 def training_env_configs(env: EnvConfig, num_envs: int, rank: int, world_size: int) -> list[EnvConfig]:
-    """One env config per training env of process `rank`: its slice of the CARLA servers that answer, or else
+    """One env config per training env (and replay ring) of process `rank`: one per server of its slice, or else
     `num_envs` copies of `env` (the highway backend, or CARLA on the one `host:port`)."""
-    if env.backend != "carla" or not env.carla.servers:
+    if not uses_server_list(env):
         return [env] * num_envs
-    live = answering_servers(process_servers(env.carla, num_envs, rank, world_size), env.carla)
     return [
         replace(env, carla=replace(env.carla, host=server.host, port=server.port, tm_port=server.tm_port, servers=()))
-        for server in live
+        for server in process_servers(env.carla, num_envs, rank, world_size)
     ]
+
+
+def uses_server_list(env: EnvConfig) -> bool:
+    return env.backend == "carla" and bool(env.carla.servers)
+
+
+def server_address(config: EnvConfig) -> str:
+    return f"{config.carla.host}:{config.carla.port}"
+
+
+def live_envs(env: EnvConfig, configs: Sequence[EnvConfig], among: Sequence[int]) -> list[int]:
+    """The envs of `among` (indices into `configs`, from `training_env_configs`) whose CARLA server answers now, all
+    asked at once; a warning names each server left out, and `CarlaConnectionError` says when none answers. Without
+    a server list every env counts as live (a failing simulator there is the Collector's ordinary fault path)."""
+    if not uses_server_list(env):
+        return list(among)
+    servers = [CarlaServer(configs[i].carla.host, configs[i].carla.port, configs[i].carla.tm_port) for i in among]
+    live = set(answering_servers(servers, env.carla))
+    return [index for index, server in zip(among, servers) if server in live]
