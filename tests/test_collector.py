@@ -51,7 +51,7 @@ def test_final_observations_go_to_the_buffer_and_episodes_are_counted():
     config = EnvConfig(scenario=0, route_length_m=150.0, max_steps=6, num_waypoints=5)
     collector = Collector(learning_starts=10**6, async_envs=False)
     buffer = RecordingBuffer(400, num_envs=2, vector_size=config.vector_size)
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(buffer=buffer), global_rank=0)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(buffer=buffer, live_envs=[0, 1]), global_rank=0)
     module = RecordingModule()
     collector.envs = make_vector_env([config] * 2, asynchronous=False)
     collector._rng = np.random.default_rng(0)
