@@ -108,13 +108,14 @@ class TwinCritic(nn.Module):
         self.q1_head = mlp(head_input, tuple(hidden_sizes), 1, layer_norm)
         self.q2_head = mlp(head_input, tuple(hidden_sizes), 1, layer_norm)
 
-    def _head_input(self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.cnn(image), vector, action], dim=1)
+    @staticmethod
+    def _head_input(features: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return torch.cat([features, vector, action], dim=1)
 
     def forward(
         self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        head_input = self._head_input(image, vector, action)
+        head_input = self._head_input(self.cnn(image), vector, action)
         return self.q1_head(head_input).squeeze(-1), self.q2_head(head_input).squeeze(-1)
 
     def q1(self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
@@ -126,4 +127,4 @@ class TwinCritic(nn.Module):
         """
         with torch.no_grad():
             features = self.cnn(image)
-        return self.q1_head(torch.cat([features, vector, action], dim=1)).squeeze(-1)
+        return self.q1_head(self._head_input(features, vector, action)).squeeze(-1)
