@@ -178,7 +178,9 @@ class Collector(pl.Callback):
         self._failures_in_a_row = 0
         done = terminated | truncated
         next_obs = _with_final_observations(obs, info, done)
-        _add_to_rings(trainer.datamodule, self._obs, actions, reward, next_obs, terminated, truncated)
+        # Live env i writes ring live_envs[i]; the rings of envs left out (their server died) keep what they hold.
+        data = trainer.datamodule
+        data.buffer.add(self._obs, actions, reward, next_obs, terminated, truncated, rings=data.live_envs)
         self._env_seconds += time.perf_counter() - started
         self._obs = obs
         module.env_steps += num_envs
@@ -299,26 +301,6 @@ class Collector(pl.Callback):
         self.envs.reset()
         self.envs.set_attr("simulator_state", env_states)
         self._obs = tensors_to_arrays(state["obs"])
-
-
-def _add_to_rings(data, obs, actions, reward, next_obs, terminated, truncated) -> None:
-    """Add one vector step to replay: live env i writes ring `data.live_envs[i]`; the rings of envs left out (their
-    server died) get nothing and keep what they hold."""
-    buffer, rings = data.buffer, data.live_envs
-    if len(rings) == buffer.num_envs:
-        buffer.add(obs, actions, reward, next_obs, terminated, truncated)
-        return
-
-    def spread(array: np.ndarray) -> np.ndarray:
-        full = np.zeros((buffer.num_envs, *array.shape[1:]), array.dtype)
-        full[rings] = array
-        return full
-
-    buffer.add(
-        {key: spread(value) for key, value in obs.items()}, spread(actions), spread(reward),
-        {key: spread(value) for key, value in next_obs.items()}, spread(terminated), spread(truncated),
-        mask=np.isin(np.arange(buffer.num_envs), rings),
-    )
 
 
 def _with_final_observations(obs: dict[str, np.ndarray], info: dict, done: np.ndarray) -> dict[str, np.ndarray]:

@@ -84,6 +84,7 @@ class ReplayBuffer:
         terminated: np.ndarray,
         truncated: np.ndarray,
         mask: np.ndarray | None = None,
+        rings: np.ndarray | None = None,
     ) -> None:
         """Add one vector-env step: arrays batched over envs, `image` (N, 4, H, W) uint8, `vector` (N, V).
 
@@ -92,28 +93,34 @@ class ReplayBuffer:
         starts one from `obs`, which must therefore be a reset observation (a stack of 4 equal frames).
         Truncation closes the episode like termination but keeps `terminated` False, so TD targets still
         bootstrap through a time-out.
+
+        `rings` (N,) names the ring of each row when the vector env steps only some of the buffer's envs (the
+        others' simulators are gone): those rings get the step, the others keep what they hold. Default: row i is
+        ring i, for all `num_envs` rings.
         """
-        self._check_batch(obs, "obs")
-        self._check_batch(next_obs, "next_obs")
-        envs = np.arange(self.num_envs) if mask is None else np.flatnonzero(np.asarray(mask, bool))
-        starting = envs[~self._episode_open[envs]]
-        continuing = envs[self._episode_open[envs]]
-        self._check_episode_starts(obs["image"][starting], starting)
-        self._check_continuations(obs["image"][continuing], continuing)
+        rings = np.arange(self.num_envs) if rings is None else self._checked_rings(rings)
+        self._check_batch(obs, "obs", rings.size)
+        self._check_batch(next_obs, "next_obs", rings.size)
+        rows = np.arange(rings.size) if mask is None else np.flatnonzero(np.asarray(mask, bool))
+        envs = rings[rows]
+        starts = ~self._episode_open[envs]
+        starting, continuing = envs[starts], envs[~starts]
+        self._check_episode_starts(obs["image"][rows[starts]], starting)
+        self._check_continuations(obs["image"][rows[~starts]], continuing)
 
         reset_steps = np.zeros(starting.size, np.int32)
-        self._write_slots(starting, obs["image"][starting, -1], obs["vector"][starting], reset_steps)
+        self._write_slots(starting, obs["image"][rows[starts], -1], obs["vector"][rows[starts]], reset_steps)
         self._episode_open[starting] = True
         current = (self._heads[envs] - 1) % self.slots_per_env
-        self._actions[envs, current] = np.asarray(action, np.float32)[envs]
-        self._rewards[envs, current] = np.asarray(reward, np.float32)[envs]
-        self._terminated[envs, current] = np.asarray(terminated, bool)[envs]
+        self._actions[envs, current] = np.asarray(action, np.float32)[rows]
+        self._rewards[envs, current] = np.asarray(reward, np.float32)[rows]
+        self._terminated[envs, current] = np.asarray(terminated, bool)[rows]
         self._has_next[envs, current] = True
         self._transitions[envs] += 1
         next_steps = self._steps[envs, current] + 1
-        self._write_slots(envs, next_obs["image"][envs, -1], next_obs["vector"][envs], next_steps)
-        episode_over = np.asarray(terminated, bool) | np.asarray(truncated, bool)
-        self._episode_open[envs[episode_over[envs]]] = False
+        self._write_slots(envs, next_obs["image"][rows, -1], next_obs["vector"][rows], next_steps)
+        episode_over = np.asarray(terminated, bool)[rows] | np.asarray(truncated, bool)[rows]
+        self._episode_open[envs[episode_over]] = False
         self.changes += 1
 
     def drop_episode(self, env_index: int) -> None:
@@ -214,13 +221,24 @@ class ReplayBuffer:
         """Slots per ring that any ring has written (rings fill from slot 0)."""
         return int(min(self._written.max(), self.slots_per_env))
 
-    def _check_batch(self, obs: dict[str, np.ndarray], name: str) -> None:
+    def _checked_rings(self, rings) -> np.ndarray:
+        rings = np.asarray(rings)
+        if (
+            rings.ndim != 1 or rings.size == 0 or not np.issubdtype(rings.dtype, np.integer)
+            or rings.min() < 0 or rings.max() >= self.num_envs or np.unique(rings).size != rings.size
+        ):
+            raise ValueError(
+                f"rings must be distinct ring indices in 0..{self.num_envs - 1}, one per row; got {rings.tolist()}"
+            )
+        return rings
+
+    def _check_batch(self, obs: dict[str, np.ndarray], name: str, rows: int) -> None:
         image, vector = obs["image"], obs["vector"]
-        image_shape = (self.num_envs, FRAME_STACK) + self.frame_shape
+        image_shape = (rows, FRAME_STACK) + self.frame_shape
         if image.shape != image_shape or image.dtype != np.uint8:
             raise ValueError(f"{name}['image'] must be uint8 {image_shape}; got {image.dtype} {image.shape}")
-        if vector.shape != (self.num_envs, self.vector_size):
-            raise ValueError(f"{name}['vector'] must be {(self.num_envs, self.vector_size)}; got {vector.shape}")
+        if vector.shape != (rows, self.vector_size):
+            raise ValueError(f"{name}['vector'] must be {(rows, self.vector_size)}; got {vector.shape}")
 
     def _check_episode_starts(self, images: np.ndarray, envs: np.ndarray) -> None:
         not_reset = envs[~np.all(images == images[:, :1], axis=(1, 2, 3))]

@@ -20,11 +20,11 @@ class RecordingBuffer(ReplayBuffer):
         super().__init__(*args, **kwargs)
         self.calls = []
 
-    def add(self, obs, action, reward, next_obs, terminated, truncated, mask=None):
+    def add(self, obs, action, reward, next_obs, terminated, truncated, mask=None, rings=None):
         self.calls.append({key: _copy(value) for key, value in dict(
             obs=obs, action=action, reward=reward, next_obs=next_obs, terminated=terminated, truncated=truncated,
         ).items()})
-        super().add(obs, action, reward, next_obs, terminated, truncated, mask)
+        super().add(obs, action, reward, next_obs, terminated, truncated, mask, rings)
 
 
 class RecordingModule:

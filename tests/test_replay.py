@@ -295,3 +295,23 @@ def test_storage_is_under_7500_bytes_per_transition():
     buffer = ReplayBuffer(capacity=1000, num_envs=4, vector_size=54)
     # newest frame 7056 + vector 216 + step 4 + action 8 + reward 4 + terminated 1 + has_next 1
     assert buffer.bytes_per_transition == 7290 <= 7500
+
+
+def test_rows_for_some_rings_go_to_those_rings_and_leave_the_others_alone():
+    calls = collect(num_envs=2, steps=40, seed=7)
+    transitions = emitted_transitions(calls)
+    buffer = ReplayBuffer(capacity=3 * 200, num_envs=3, vector_size=VECTOR_SIZE)
+    for call in calls:  # a vector env of 2 whose envs fill rings 2 and 0; ring 1's env is gone
+        buffer.add(**call, rings=[2, 0])
+    assert len(buffer) == len(transitions)
+    state = buffer.state_dict()
+    assert state["written"][1] == 0 and state["written"][0] > 0 and state["written"][2] > 0
+    counts = sample_counts(buffer, transitions, draws=len(transitions) * 100 // 64)
+    assert counts.all(), "a transition added through `rings` was never sampled"
+
+    before = copy.deepcopy(buffer.state_dict())
+    for bad in ([0, 0], [3], [], [0, 1, 2]):
+        with pytest.raises(ValueError, match="rings must be distinct ring indices in 0..2|obs\\['image'\\] must be"):
+            buffer.add(**calls[0], rings=bad)
+    after = buffer.state_dict()
+    assert all(np.array_equal(np.asarray(after[name]), np.asarray(before[name])) for name in ("heads", "written"))
