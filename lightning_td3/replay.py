@@ -45,11 +45,13 @@ class ReplayBuffer:
         self.action_size = action_size
         self.frame_shape = tuple(frame_shape)
         self.changes = 0  # counts add and drop_episode calls: tells whether the contents changed since a look
+        self.generation = 0  # counts storage (re)allocations: a copy of the storage must then be taken afresh
         self._allocate()
 
     def _allocate(self) -> None:
         """Empty storage and rings. np.zeros maps pages lazily: a 1M buffer costs memory only as it fills."""
         rings = (self.num_envs, self.slots_per_env)
+        self.generation += 1
         self._frames = np.zeros(rings + self.frame_shape, np.uint8)  # each slot's observation's newest frame
         self._vectors = np.zeros(rings + (self.vector_size,), np.float32)
         self._steps = np.zeros(rings, np.int32)  # step of the slot's observation in its episode, 0 = reset obs
@@ -70,7 +72,7 @@ class ReplayBuffer:
     @property
     def bytes_per_transition(self) -> float:
         """Bytes of all storage arrays per slot."""
-        return sum(array.nbytes for array in self._storage().values()) / self.capacity
+        return sum(array.nbytes for array in self.storage().values()) / self.capacity
 
     def __len__(self) -> int:
         return int(self._transitions.sum() - self._stale_starts().sum())
@@ -134,23 +136,42 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """`batch_size` transitions drawn uniformly (with replacement) from all valid ones in all rings."""
+        batch = gather_transitions(self.storage(), *self.sample_slots(batch_size, rng))
+        batch["terminated"] = batch["terminated"].astype(np.float32)
+        return batch
+
+    def sample_slots(
+        self, batch_size: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where `sample` takes its transitions from: rings (B,), and the slots of obs and next_obs stacks (B, 4)."""
         if len(self) == 0:
             raise ValueError("cannot sample from a replay buffer without complete transitions")
         rings, slots = self._sample_starts(batch_size, rng)
-        image = self._stack(rings, slots)
-        next_slots = (slots + 1) % self.slots_per_env
+        stack_slots = self._stack_slots(rings, slots)
         # The env's next stack is its stack rolled left plus the new frame; rebuilding it from the next slot's
-        # own step gives exactly that (same episode, step + 1), so reuse 3 frames instead of gathering 4.
-        next_image = np.concatenate([image[:, 1:], self._frames[rings, next_slots][:, None]], axis=1)
-        return {
-            "image": image,
-            "vector": self._vectors[rings, slots],
-            "action": self._actions[rings, slots],
-            "reward": self._rewards[rings, slots],
-            "next_image": next_image,
-            "next_vector": self._vectors[rings, next_slots],
-            "terminated": self._terminated[rings, slots].astype(np.float32),
-        }
+        # own step gives exactly that (same episode, step + 1).
+        next_slots = (slots + 1) % self.slots_per_env
+        return rings, stack_slots, np.concatenate([stack_slots[:, 1:], next_slots[:, None]], axis=1)
+
+    @property
+    def written(self) -> np.ndarray:
+        """Slots each ring has ever written (a copy)."""
+        return self._written.copy()
+
+    def slots_changed_since(self, written_before: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rings, slots) whose contents changed since the rings had written `written_before` slots.
+
+        Those are the slots written since, and the newest slot before them: an `add` writes a slot's action,
+        reward and termination one step after its observation.
+        """
+        rings, slots = [], []
+        for ring in np.flatnonzero(self._written != written_before):
+            count = min(self._written[ring] - written_before[ring] + 1, self._written[ring], self.slots_per_env)
+            rings.append(np.full(count, ring))
+            slots.append(np.arange(self._heads[ring] - count, self._heads[ring]) % self.slots_per_env)
+        if not rings:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(rings), np.concatenate(slots)
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: the written part of the storage, ring heads and open episodes.
@@ -161,7 +182,7 @@ class ReplayBuffer:
         filled = self._filled_slots()
         return {
             "config": self._config(),
-            "storage": {name: array[:, :filled] for name, array in self._storage().items()},
+            "storage": {name: array[:, :filled] for name, array in self.storage().items()},
             "heads": self._heads.copy(),
             "written": self._written.copy(),
             "episode_open": self._episode_open.copy(),
@@ -178,7 +199,7 @@ class ReplayBuffer:
         if mismatches:
             raise ValueError("replay buffer state does not fit this buffer: " + "; ".join(mismatches))
         filled = int(min(np.max(state["written"]), self.slots_per_env))
-        for name, array in self._storage().items():
+        for name, array in self.storage().items():
             saved = np.asarray(state["storage"][name])
             expected_shape = (self.num_envs, filled) + array.shape[2:]
             if saved.shape != expected_shape or saved.dtype != array.dtype:
@@ -189,7 +210,7 @@ class ReplayBuffer:
         # Fresh arrays rather than overwriting: slots beyond the saved part must be empty, and zeroing them in
         # place would touch every page of a big buffer.
         self._allocate()
-        for name, array in self._storage().items():
+        for name, array in self.storage().items():
             array[:, :filled] = state["storage"][name]
         self._heads[:] = state["heads"]
         self._written[:] = state["written"]
@@ -206,7 +227,8 @@ class ReplayBuffer:
             "frame_shape": self.frame_shape,
         }
 
-    def _storage(self) -> dict[str, np.ndarray]:
+    def storage(self) -> dict[str, np.ndarray]:
+        """The storage arrays, (num_envs, slots_per_env, ...) each: the live arrays, not copies."""
         return {
             "frames": self._frames,
             "vectors": self._vectors,
@@ -307,9 +329,26 @@ class ReplayBuffer:
             slots = np.concatenate([slots, draw_slots[valid]])
         return rings[:batch_size], slots[:batch_size]
 
-    def _stack(self, rings: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """(B, 4, H, W) frame stacks: position j is min(3 - j, step) slots back, the env's reset padding."""
+    def _stack_slots(self, rings: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """(B, 4) slots of the frame stacks: position j is min(3 - j, step) slots back, the env's reset padding."""
         frames_back = np.arange(FRAME_STACK - 1, -1, -1)
         back = np.minimum(frames_back[None, :], self._steps[rings, slots][:, None])
-        sources = (slots[:, None] - back) % self.slots_per_env
-        return self._frames[rings[:, None], sources]
+        return (slots[:, None] - back) % self.slots_per_env
+
+
+def gather_transitions(storage: dict, rings, stack_slots, next_stack_slots) -> dict:
+    """The transitions at `ReplayBuffer.sample_slots`'s places, from storage arrays (numpy) or tensors (torch).
+
+    `terminated` comes back in the storage's dtype.
+    """
+    slots, next_slots = stack_slots[:, -1], next_stack_slots[:, -1]
+    frames = storage["frames"]
+    return {
+        "image": frames[rings[:, None], stack_slots],
+        "vector": storage["vectors"][rings, slots],
+        "action": storage["actions"][rings, slots],
+        "reward": storage["rewards"][rings, slots],
+        "next_image": frames[rings[:, None], next_stack_slots],
+        "next_vector": storage["vectors"][rings, next_slots],
+        "terminated": storage["terminated"][rings, slots],
+    }

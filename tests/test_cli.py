@@ -130,3 +130,11 @@ def test_a_bad_fit_setting_stops_before_any_work_with_a_short_message_naming_it(
     assert len(text.splitlines()) <= 10, text  # not the pages of usage jsonargparse prints by default
     assert plan.resets == 0, "no env was started"
     assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_sampling_on_the_device_is_refused_on_a_cpu_before_any_env_runs(tmp_path, monkeypatch):
+    plan = install(monkeypatch, FaultPlan())
+    with pytest.raises(ConfigError, match="data.sample_on_device must be false when training on a CPU"):
+        fit(tmp_path, "--data.sample_on_device", "true")
+    assert plan.resets == 0, "no env was started"
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("replay"))

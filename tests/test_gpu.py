@@ -25,6 +25,22 @@ def test_fit_on_gpu_then_act_on_cpu(tmp_path):
     assert action.shape == (2,) and abs(action).max() <= 1.0
 
 
+def test_sampling_on_the_device_trains_exactly_as_host_sampling(tmp_path, monkeypatch):
+    """The replay copied to the GPU hands the update the very batches the host would: the same weights come out."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # the same conv kernels in both fits
+    gpu = ("--trainer.accelerator", "gpu", "--trainer.devices", "1")
+    weights = []
+    for name, on_device in (("host", "false"), ("device", "true")):
+        result = fit(tmp_path / name, *gpu, "--data.sample_on_device", on_device)
+        assert (result.datamodule.device_replay is not None) == (on_device == "true")
+        checkpoint = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert checkpoint["td3_progress"]["updates"] == 6
+        weights.append(checkpoint["state_dict"])
+    host, device = weights
+    for name, value in host.items():
+        torch.testing.assert_close(device[name], value, msg=name)
+
+
 def test_actor_acts_on_gpu_batches():
     module = TD3(vector_size=14, hidden_sizes=(16,)).cuda()
     observation = {

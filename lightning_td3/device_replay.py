@@ -1,0 +1,79 @@
+"""Sampling on the training device: a copy of the replay storage kept there (`data.sample_on_device`).
+
+A sampled batch of 256 frame stacks is about 14 MB of uint8 pixels. Gathered on the host, it is copied into
+pinned memory and then to the GPU on every update; from a copy of the storage on the GPU, only the sampled places
+cross (a few KB), and the copy is kept current with the slots written since the last batch (one frame and vector
+per env step). The places come from `ReplayBuffer.sample_slots` with the same random generator, so the batches are
+the very ones host sampling would give: a run trains the same either way, and resumes the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lightning_td3.errors import ConfigError
+from lightning_td3.replay import ReplayBuffer, gather_transitions
+
+# The parts of the storage a batch is gathered from (which slots are valid is decided on the host), and the dtype
+# of each on the device; `terminated` goes to the update as a float.
+COPIED = {
+    "frames": torch.uint8,
+    "vectors": torch.float32,
+    "actions": torch.float32,
+    "rewards": torch.float32,
+    "terminated": torch.float32,
+}
+
+
+class DeviceReplay:
+    """A copy of `buffer`'s storage on `device`, from which `sample` gathers batches there.
+
+    The whole capacity is allocated at once (about 7.3 KB per transition), so a buffer too big for the device
+    fails here, naming the setting, and not hours into a run.
+    """
+
+    def __init__(self, buffer: ReplayBuffer, device: torch.device | str):
+        self.buffer = buffer
+        self.device = torch.device(device)
+        try:
+            self.storage = {
+                name: torch.zeros(array.shape, dtype=COPIED[name], device=self.device)
+                for name, array in buffer.storage().items()
+                if name in COPIED
+            }
+        except torch.OutOfMemoryError as error:
+            gigabytes = sum(array.nbytes for array in buffer.storage().values()) / 1e9
+            raise ConfigError(
+                f"data.sample_on_device: the replay copy ({buffer.capacity:,} transitions, about {gigabytes:.1f} GB) "
+                f"does not fit on {self.device}; lower data.buffer_capacity or set data.sample_on_device false"
+            ) from error
+        self._generation = None  # the buffer's storage generation the copy holds
+        self._written = buffer.written  # the buffer's slots written per ring when the copy was last brought up
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """`ReplayBuffer.sample(batch_size, rng)`'s batch, as tensors on the device."""
+        self.sync()
+        rings, stack_slots, next_stack_slots = self.buffer.sample_slots(batch_size, rng)
+        places = torch.from_numpy(np.concatenate([rings[:, None], stack_slots, next_stack_slots], axis=1))
+        places = places.to(self.device, non_blocking=True)  # one small copy for all the indices
+        stack = stack_slots.shape[1]
+        return gather_transitions(self.storage, places[:, 0], places[:, 1 : 1 + stack], places[:, 1 + stack :])
+
+    def sync(self) -> None:
+        """Bring the copy up to the buffer: the slots changed since the last sync, or all after a reload."""
+        if self._generation != self.buffer.generation:
+            filled = int(min(self.buffer.written.max(), self.buffer.slots_per_env))  # rings fill from slot 0
+            for name, array in self.buffer.storage().items():
+                if name in COPIED:
+                    self.storage[name][:, :filled].copy_(torch.from_numpy(array[:, :filled]))
+            self._generation = self.buffer.generation
+        else:
+            rings, slots = self.buffer.slots_changed_since(self._written)
+            if rings.size:
+                places = (torch.from_numpy(rings).to(self.device), torch.from_numpy(slots).to(self.device))
+                for name, array in self.buffer.storage().items():
+                    if name in COPIED:
+                        values = torch.from_numpy(array[rings, slots]).to(self.device, COPIED[name])
+                        self.storage[name].index_put_(places, values)
+        self._written = self.buffer.written
