@@ -2,6 +2,7 @@
 
     python bench/e2e.py [--device cpu|cuda] [--learning-starts 200] [--updates 60] [--num-envs 1]
                         [--batch-size 256] [--buffer-size 20000] [--compile] [--bf16-cnn] [--channels-last]
+                        [--cuda-graph] [--sample-on-device]
 
 Both train TD3 on our `DrivingEnv` (highway backend, image 4x84x84 + vector) from scratch: `--learning-starts`
 uniform random env steps, then one update per env step (SB3: train_freq 1, gradient_steps -1, i.e. as many
@@ -37,7 +38,7 @@ def cpu_seconds() -> float:
 
 
 def fit_config(args, env: dict, vector_size: int, folder: str) -> dict:
-    speedups = {name: True for name in ("compile", "bf16_cnn", "channels_last") if getattr(args, name)}
+    speedups = {name: True for name in ("compile", "bf16_cnn", "channels_last", "cuda_graph") if getattr(args, name)}
     return {
         "seed_everything": args.seed,
         "trainer": {
@@ -53,7 +54,7 @@ def fit_config(args, env: dict, vector_size: int, folder: str) -> dict:
             "vector_size": vector_size, "log_every_n_updates": 100, "log_images_every_n_updates": 10**9,
             **speedups}},
         "data": {"num_envs": args.num_envs, "buffer_capacity": args.buffer_size, "batch_size": args.batch_size,
-                 "eval_episodes": 1, "env": env},
+                 "eval_episodes": 1, "sample_on_device": args.sample_on_device, "env": env},
     }
 
 
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="TD3(compile=True)")
     parser.add_argument("--bf16-cnn", action="store_true", help="TD3(bf16_cnn=True), CUDA")
     parser.add_argument("--channels-last", action="store_true", help="TD3(channels_last=True)")
+    parser.add_argument("--cuda-graph", action="store_true", help="TD3(cuda_graph=True), CUDA")
+    parser.add_argument("--sample-on-device", action="store_true", help="data.sample_on_device, CUDA")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     quiet_lightning()

@@ -44,15 +44,18 @@ step info 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --
   python3 -c 'import torch, pytorch_lightning, stable_baselines3; print(\"torch\", torch.__version__,
   \"lightning\", pytorch_lightning.__version__, \"sb3\", stable_baselines3.__version__, \"cuda\", torch.cuda.is_available())'"
 # Most important first: a step that no longer fits the budget is skipped, not cut.
-if [ "$DEVICE" = cuda ]; then  # model.cuda_graph is refused on a CPU: these two steps are for the GPU only
-  # Correctness of the graphed update against the eager one, then its speed (the update alone; the eager
+if [ "$DEVICE" = cuda ]; then  # model.cuda_graph and data.sample_on_device are refused on a CPU: GPU steps only
+  # Correctness of the graphed update against the eager one and of sampling on the GPU against the host's, then
+  # the speed of both together against SB3's (issue 6's learner target), then the graphed update alone (the eager
   # fixed-batch anchor: 106.7 updates/s on one H100).
-  step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+  step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+  step learner_graph_device_sampling 120 python3 bench/learner.py $LEARNER --cuda-graph --sample-on-device
   step learner_cuda_graph 80 python3 bench/learner.py $LEARNER --skip-sb3 --fixed-batch --cuda-graph
+  step e2e_graph_device_sampling 180 python3 bench/e2e.py $E2E --cuda-graph --sample-on-device
 fi
 step learner 100 python3 bench/learner.py $LEARNER
-step e2e 180 python3 bench/e2e.py $E2E
 step collect 120 python3 bench/collect.py $COLLECT
+step e2e 180 python3 bench/e2e.py $E2E
 step learner_fixed_batch 80 python3 bench/learner.py $LEARNER --skip-sb3 --fixed-batch
 step learner_channels_last_bf16 100 python3 bench/learner.py $LEARNER --channels-last --bf16-cnn
 step learner_compile 150 python3 bench/learner.py $LEARNER --channels-last --bf16-cnn --compile

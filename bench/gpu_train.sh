@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
-# Issue 5's GPU training in one device command (run tool: carry [".whl"], timeout_s 600): scenario 1 on the curvy
-# layout and scenario 2, trained side by side from configs/experiments/h100.yaml (7 env processes each on the 16
-# cores, one GPU shared), each run's best actor exported to $OUT, the TensorBoard runs packed into $OUT/runs.tar.gz;
-# whatever time is left under the 10 minutes goes to the learner benchmark of issue 6 (bench/gpu_suite.sh).
+# Issue 5's GPU training in one device command (run tool: carry [".whl"], timeout_s 600). Each run's best actor is
+# exported to $OUT and the TensorBoard runs are packed into $OUT/runs.tar.gz; whatever time is left under the 10
+# minutes goes to issue 6's benchmarks (bench/gpu_suite.sh).
 #   here, once:  bash bench/gpu_wheels.sh
-#   device:      bash bench/gpu_train.sh
-#   dry run:     OUT=/tmp/train bash bench/gpu_train.sh --device cpu    (tiny sizes: checks every step on a CPU)
+#   device:      bash bench/gpu_train.sh [whole_box | side_by_side]
+#   dry run:     OUT=/tmp/train bash bench/gpu_train.sh [whole_box | side_by_side] --device cpu   (tiny sizes, CPU)
+# whole_box (the default): scenario 1 on the curvy layout alone, h100.yaml + h100_whole_box.yaml: 14 env processes,
+#   one learner, the graphed update and sampling on the GPU. Their GPU tests run first; if one fails, the run
+#   trains eagerly instead (said so in the log).
+# side_by_side: the first GPU runs, scenario 1 curvy and scenario 2 from h100.yaml at once, 7 env processes each.
 set -u
+MODE=whole_box
 DEVICE=cuda
-[ "${1:-}" = "--device" ] && DEVICE=$2
+while (($#)); do
+  case $1 in
+    whole_box | side_by_side) MODE=$1 ;;
+    --device) DEVICE=$2; shift ;;
+    *) echo "usage: bash bench/gpu_train.sh [whole_box | side_by_side] [--device cpu|cuda]"; exit 2 ;;
+  esac
+  shift
+done
 OUT=${OUT:-/tmp/gpu_train}
 END_S=${END_S:-535}   # the whole script ends by then
 mkdir -p "$OUT"
@@ -24,28 +35,46 @@ else
   TRAIN_LIMIT_S=400
 fi
 
-# name, then the overrides of h100.yaml that make the run
+# Each run: its name (its TensorBoard run under runs/), then its config files and overrides.
+if [ "$MODE" = whole_box ]; then
+  FAST=()
+  if [ "$DEVICE" = cuda ]; then
+    echo "== GPU tests of the graphed update and of sampling on the GPU ($SECONDS s)"
+    if ! timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
+        -k "cuda_graph_update_matches or sampling_on_the_device"; then
+      FAST=(--model.init_args.cuda_graph false --data.sample_on_device false)
+    fi
+  else
+    FAST=(--model.init_args.cuda_graph false --data.sample_on_device false)  # both are refused on a CPU
+  fi
+  echo "== training with ${FAST[*]:-the graphed update and sampling on the GPU} ($SECONDS s)"
+  RUNS=("h100_whole_box_scenario1_curvy"
+        "--config configs/experiments/h100.yaml --config configs/experiments/h100_whole_box.yaml ${FAST[*]}")
+else
+  RUNS=("h100_scenario1_curvy" "--config configs/experiments/h100.yaml"
+        "h100_scenario2" "--config configs/experiments/h100.yaml --data.env.scenario 2 --data.env.layout straight")
+fi
+
 PIDS=()
-RUNS=("h100_scenario1_curvy" ""
-      "h100_scenario2" "--data.env.scenario 2 --data.env.layout straight")
 for ((i = 0; i < ${#RUNS[@]}; i += 2)); do
-  name=${RUNS[i]}
-  # One thread per process: the 14 env processes and the 2 learners share the 16 cores.
-  OMP_NUM_THREADS=1 timeout "$TRAIN_LIMIT_S" python3 cli.py fit --config configs/experiments/h100.yaml \
-    --trainer.logger.init_args.name "$name" ${RUNS[i + 1]} "${SIZE[@]}" >"$OUT/$name.log" 2>&1 &
+  # One thread per process: the env processes and the learners share the 16 cores.
+  OMP_NUM_THREADS=1 timeout "$TRAIN_LIMIT_S" python3 cli.py fit ${RUNS[i + 1]} --trainer.logger.init_args.name "${RUNS[i]}" \
+    "${SIZE[@]}" >"$OUT/${RUNS[i]}.log" 2>&1 &
   PIDS+=($!)
 done
 wait "${PIDS[@]}"   # the runs alone: a bare `wait` would also wait for the tee above, which never ends
 echo "== training done at $SECONDS s"
 
+NAMES=()
 for ((i = 0; i < ${#RUNS[@]}; i += 2)); do
   name=${RUNS[i]}
+  NAMES+=("runs/$name")
   grep -E "Error|error:|Traceback|stopped|Time limit" "$OUT/$name.log" | grep -v Warning | tail -5
   best=$(ls -t runs/"$name"/version_*/checkpoints/best-*.ckpt 2>/dev/null | head -1)
   echo "$name: best checkpoint ${best:-none}"
   [ -n "$best" ] && python3 -m lightning_td3.export "$best" "$OUT/td3_$name.ckpt"
 done
-tar -czf "$OUT/runs.tar.gz" --exclude='*.ckpt' --exclude=replay runs/h100_*
+tar -czf "$OUT/runs.tar.gz" --exclude='*.ckpt' --exclude=replay "${NAMES[@]}"
 ls -la "$OUT"
 
 BUDGET_S=$((END_S - SECONDS)) bash bench/gpu_suite.sh --device "$DEVICE"
