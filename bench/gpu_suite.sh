@@ -52,6 +52,8 @@ if [ "$DEVICE" = cuda ]; then  # model.cuda_graph and data.sample_on_device are 
   step learner_graph_device_sampling 120 python3 bench/learner.py $LEARNER --cuda-graph --sample-on-device
   step learner_cuda_graph 80 python3 bench/learner.py $LEARNER --skip-sb3 --fixed-batch --cuda-graph
   step e2e_graph_device_sampling 180 python3 bench/e2e.py $E2E --cuda-graph --sample-on-device
+  step overlap 150 python3 bench/overlap.py --device cuda --num-envs 14 --learning-starts 1000 --updates 3000 \
+    --batch-size 256 --cuda-graph --sample-on-device --rounds 1
 fi
 step learner 100 python3 bench/learner.py $LEARNER
 step collect 120 python3 bench/collect.py $COLLECT

@@ -2,6 +2,9 @@
 
 Warm-up: uniform random actions until `learning_starts` env steps (done before the first update). Then before every
 update it steps the envs with the actor plus Gaussian noise until `updates_per_step` updates per env step hold.
+Env processes step while the learner updates (`overlap`): before an update the step under way is finished (its
+transitions stored) and the next one started, so an update sees every step but the one under way. Evaluation and
+checkpoints finish that step first, so a resumed run goes on exactly as an uninterrupted one.
 Time-outs are stored as truncations (the target still bootstraps); only collisions, leaving the road and reaching
 the goal are terminal.
 
@@ -68,6 +71,8 @@ class Collector(pl.Callback):
         exploration_noise: std of the Gaussian noise added to the actor's actions.
         updates_per_step: TD3 updates per env step (of this process's envs) after warm-up.
         async_envs: step the envs in subprocesses (one per env) when there are several.
+        overlap: env processes step while the learner updates; an update then does not see the one vector step
+            under way. False: every update waits for the envs and sees every step taken before it.
         max_env_failures: env failures in a row (rebuilds included) after which the run stops with a checkpoint.
     """
 
@@ -77,6 +82,7 @@ class Collector(pl.Callback):
         exploration_noise: float = 0.1,
         updates_per_step: float = 1.0,
         async_envs: bool = True,
+        overlap: bool = True,
         max_env_failures: int = 5,
     ) -> None:
         require(
@@ -93,12 +99,15 @@ class Collector(pl.Callback):
         self.exploration_noise = exploration_noise
         self.updates_per_step = updates_per_step
         self.async_envs = async_envs
+        self.overlap = overlap
         self.max_env_failures = max_env_failures
         self.env_failures = 0  # in all, this process's; saved with the checkpoint
         self._failures_in_a_row = 0
         self._gave_up: str | None = None  # why this process's envs collect no more, until the run stops
         self.envs: VectorEnv | None = None
         self._obs: dict[str, np.ndarray] | None = None
+        self._in_flight: tuple | None = None  # (actions, results or None while env processes step) until finished
+        self._fit: tuple[pl.Trainer, pl.LightningModule] | None = None  # for a checkpoint to finish that step first
         self._rng: np.random.Generator | None = None
         self._restored: list[dict] | None = None  # every process's saved state, until on_fit_start
         self._last_return = 0.0
@@ -117,6 +126,7 @@ class Collector(pl.Callback):
         if data is None or getattr(data, "buffer", None) is None:
             raise ConfigError("the Collector needs data: datamodules.replay.ReplayDataModule (it holds the replay)")
         self.envs = self._make_envs(data)
+        self._fit = (trainer, module)
         self._rng = stream_rng("exploration", trainer.global_rank)
         if self._restored is not None:
             self._resume(own_state(trainer, self._restored, "the training envs"), data.buffer, trainer.global_rank)
@@ -139,7 +149,10 @@ class Collector(pl.Callback):
         while self._gave_up is None and (
             (module.env_steps - self.learning_starts) * self.updates_per_step < module.updates + 1
         ):
-            self._collect(trainer, module)
+            self._finish_step(trainer, module)
+            self._start_step(trainer, module)
+            if not self.overlap:
+                self._finish_step(trainer, module)
         stop_together(trainer, module, self._gave_up)  # between updates: the last one complete, the next not begun
         module.log_dict(
             {"env_steps": float(module.run_env_steps), "episodes": float(module.run_episodes),
@@ -147,22 +160,39 @@ class Collector(pl.Callback):
             prog_bar=True, on_step=True, on_epoch=False, batch_size=1,
         )
 
+    def on_validation_start(self, trainer: pl.Trainer, module) -> None:
+        # Evaluation, what the module logs with it and the checkpoints after it see every env step taken.
+        self._finish_step(trainer, module)
+
     def on_train_batch_end(self, trainer: pl.Trainer, module, outputs, batch, batch_idx: int) -> None:
         self._batch_seconds += time.perf_counter() - self._batch_started
         module.log("perf/data_wait_fraction", self.data_wait_fraction, on_step=True, on_epoch=False, batch_size=1)
 
     @property
     def data_wait_fraction(self) -> float:
-        """Share of training time (since warm-up) spent stepping envs and storing transitions: collection and
-        learning take turns, so the learner sits idle for exactly that share."""
+        """Share of training time (since warm-up) the learner spends on collection: choosing actions, sending
+        them, waiting for the envs (env processes step during the update before) and storing transitions."""
         return self._env_seconds / self._batch_seconds if self._batch_seconds else 0.0
 
     def teardown(self, trainer: pl.Trainer, module, stage: str) -> None:
         self._close_envs()
+        self._fit = None
 
     # --- collection --------------------------------------------------------------------------------------------
 
     def _collect(self, trainer: pl.Trainer, module) -> None:
+        """One whole vector step: the step in flight (if any) finished, then a new one started and finished."""
+        self._finish_step(trainer, module)
+        self._start_step(trainer, module)
+        self._finish_step(trainer, module)
+
+    def _start_step(self, trainer: pl.Trainer, module) -> None:
+        """Send the envs their next actions: env processes step while the learner updates, until `_finish_step`.
+
+        Envs in this process step here, and their results wait for `_finish_step` all the same.
+        """
+        if self.envs is None or self._gave_up is not None:
+            return
         num_envs = self.envs.num_envs
         if module.env_steps < self.learning_starts:
             actions = self._rng.uniform(-1.0, 1.0, (num_envs, 2)).astype(np.float32)
@@ -171,8 +201,28 @@ class Collector(pl.Callback):
             actions = np.clip(module.act(self._obs) + noise, -1.0, 1.0).astype(np.float32)
         started = time.perf_counter()
         try:
-            obs, reward, terminated, truncated, info = self.envs.step(actions)
+            if isinstance(self.envs, AsyncVectorEnv):
+                self.envs.step_async(actions)
+                outcome = None  # step_wait brings it
+            else:
+                outcome = self.envs.step(actions)
         except Exception as error:  # whatever the simulator raised: the run goes on without this step
+            self._recover(trainer, module, error)
+            return
+        self._env_seconds += time.perf_counter() - started
+        self._in_flight = (actions, outcome)
+        module.env_steps += num_envs  # counted when taken: the updates-per-step ratio counts the step under way
+
+    def _finish_step(self, trainer: pl.Trainer, module) -> None:
+        """Take the results of the step under way into the replay buffer and the counters."""
+        if self._in_flight is None:
+            return
+        (actions, outcome), self._in_flight = self._in_flight, None
+        started = time.perf_counter()
+        try:
+            obs, reward, terminated, truncated, info = self.envs.step_wait() if outcome is None else outcome
+        except Exception as error:  # whatever the simulator raised: the run goes on without this step
+            module.env_steps -= len(actions)
             self._recover(trainer, module, error)
             return
         self._failures_in_a_row = 0
@@ -183,7 +233,6 @@ class Collector(pl.Callback):
         data.buffer.add(self._obs, actions, reward, next_obs, terminated, truncated, rings=data.live_envs)
         self._env_seconds += time.perf_counter() - started
         self._obs = obs
-        module.env_steps += num_envs
         if done.any():
             self._record_episodes(module, info["final_info"], np.flatnonzero(done))
 
@@ -237,10 +286,13 @@ class Collector(pl.Callback):
         if self.envs is None:
             return
         try:
+            if self._in_flight is not None and self._in_flight[1] is None:
+                self.envs.step_wait()  # its results are not wanted any more, but closing must not wait on it
             self.envs.close()
         except Exception as why:  # a crashed simulator may not close cleanly; its replacement is built anyway
             warnings.warn(f"closing the failed training envs raised {type(why).__name__}: {why}", stacklevel=2)
         self.envs = None
+        self._in_flight = None
 
     def _record_episodes(self, module, final_info: dict, finished: np.ndarray) -> None:
         for index in finished:
@@ -265,6 +317,10 @@ class Collector(pl.Callback):
         """Every process's envs, observations and noise RNG (each process its own), in rank order."""
         if self._rng is None:
             return {}
+        if self._fit is not None:
+            # Lightning takes the callbacks' state before the datamodule's (the replay) and the module's own
+            # (its episodes): finishing the step under way here puts it in all of them.
+            self._finish_step(*self._fit)
         return {"per_process": gather_per_process(self._own_state())}
 
     def _own_state(self) -> dict:

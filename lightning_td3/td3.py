@@ -191,6 +191,12 @@ class TD3(DrivingModule):
         # Graphs hold this fit's optimizer state and parameters: recorded afresh in every fit (after a resume too).
         self._graphed_update = GraphedUpdate(self._update, self.optimizers()) if self.hparams.cuda_graph else None
 
+    def on_validation_start(self) -> None:
+        # Evaluation is logged against the run's env steps as of now (the Collector has just finished the step
+        # under way), and the training episodes finished since the last log go out first.
+        if self._sync_run_totals():
+            self._log_training_episodes()
+
     def training_step(self, dataloader_iter: Iterator) -> None:
         hp = self.hparams
         update = self.updates

@@ -173,3 +173,40 @@ def test_failures_in_a_row_stop_the_run_with_a_checkpoint_that_resumes(monkeypat
     plan.crash_from_step = None  # the simulator is back
     result = fit(tmp_path, "--ckpt_path", "last", **collector_setting)
     assert result.model.updates == 6
+
+
+def test_env_processes_stepping_during_updates_train_exactly_as_envs_stepping_in_this_process(tmp_path):
+    """With async envs the vector step runs in the env processes while the learner updates, and is finished before
+    the next update (or a checkpoint): the same transitions, counters and weights as envs in this process give."""
+    saved = {}
+    for name, asynchronous in (("in_process", False), ("processes", True)):
+        fit(tmp_path / name, **{"trainer.callbacks.0.init_args.async_envs": asynchronous})
+        saved[name] = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+    in_process, processes = saved["in_process"], saved["processes"]
+    assert processes["td3_progress"]["updates"] == in_process["td3_progress"]["updates"] == 6
+    for key in ("env_steps", "episodes"):
+        assert processes["td3_progress"][key] == in_process["td3_progress"][key], key
+    for name, value in in_process["state_dict"].items():
+        assert torch.equal(processes["state_dict"][name], value), name
+    collector_states = [saved[name]["callbacks"]["Collector"]["per_process"][0] for name in saved]
+    assert torch.equal(collector_states[0]["obs"]["image"], collector_states[1]["obs"]["image"])
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_with_overlap_an_update_sees_every_env_step_but_the_one_under_way(overlap):
+    config = EnvConfig(scenario=0, route_length_m=150.0, max_steps=50, num_waypoints=5)
+    buffer = ReplayBuffer(400, num_envs=2, vector_size=config.vector_size)
+    module = RecordingModule()
+    collector, trainer = collector_on(config, 2, buffer, module, overlap=overlap)
+    collector.learning_starts = module.env_steps = 2  # as after a warm-up of 2 env steps (one vector step)
+    trainer.world_size = 1
+    module.run_env_steps = module.run_episodes = 0
+    module.log_dict = lambda *args, **kwargs: None
+    stored = []
+    for update in range(4):  # one update per env step: a vector step of the 2 envs every other update
+        module.updates = update
+        collector.on_train_batch_start(trainer, module, None, update)
+        stored.append(len(buffer))
+    collector._close_envs()
+    assert module.env_steps == 2 + 2 * 2
+    assert stored == ([0, 0, 2, 2] if overlap else [2, 2, 4, 4])
