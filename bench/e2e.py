@@ -91,23 +91,28 @@ def run_sb3(args, env: dict) -> tuple[float, float, int, int]:
     return time.perf_counter() - wall, cpu_seconds() - cpu, model.num_timesteps, model._n_updates
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the fit that `fit_config` builds (bench/overlap.py runs the same fit)."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--learning-starts", type=int, default=200)
     parser.add_argument("--updates", type=int, default=60)
     parser.add_argument("--num-envs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--buffer-size", type=int, default=20_000)
-    parser.add_argument("--scenario", type=int, default=1)
-    parser.add_argument("--layout", default="curvy")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
     parser.add_argument("--compile", action="store_true", help="TD3(compile=True)")
     parser.add_argument("--bf16-cnn", action="store_true", help="TD3(bf16_cnn=True), CUDA")
     parser.add_argument("--channels-last", action="store_true", help="TD3(channels_last=True)")
     parser.add_argument("--cuda-graph", action="store_true", help="TD3(cuda_graph=True), CUDA")
     parser.add_argument("--sample-on-device", action="store_true", help="data.sample_on_device, CUDA")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_fit_arguments(parser)
+    parser.add_argument("--scenario", type=int, default=1)
+    parser.add_argument("--layout", default="curvy")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     quiet_lightning()

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from common import device_name, quiet_lightning
-from e2e import fit_config
+from e2e import add_fit_arguments, fit_config
 from lightning_td3.collector import Collector
 from lightning_td3.envs import EnvConfig
 
@@ -41,18 +41,10 @@ def train(args, env: dict, overlap: bool) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    add_fit_arguments(parser)
+    parser.set_defaults(num_envs=2, batch_size=32)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--num-envs", type=int, default=2)
-    parser.add_argument("--learning-starts", type=int, default=200)
-    parser.add_argument("--updates", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--buffer-size", type=int, default=20_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cuda-graph", action="store_true", help="TD3(cuda_graph=True), CUDA")
-    parser.add_argument("--sample-on-device", action="store_true", help="data.sample_on_device, CUDA")
     args = parser.parse_args()
-    args.compile = args.bf16_cnn = args.channels_last = False
     sys.stdout.reconfigure(line_buffering=True)
     quiet_lightning()
     env = {"scenario": 1, "layout": "curvy"}
