@@ -3,8 +3,9 @@
 # exported to $OUT and the TensorBoard runs are packed into $OUT/runs.tar.gz; whatever time is left under the 10
 # minutes goes to issue 6's benchmarks (bench/gpu_suite.sh).
 #   here, once:  bash bench/gpu_wheels.sh
-#   device:      bash bench/gpu_train.sh [whole_box | side_by_side]
+#   device:      bash bench/gpu_train.sh [whole_box | side_by_side] [cli.py fit options for every run ...]
 #   dry run:     OUT=/tmp/train bash bench/gpu_train.sh [whole_box | side_by_side] --device cpu   (tiny sizes, CPU)
+# e.g. bash bench/gpu_train.sh whole_box --data.env.reward.headway 1.0   (the options go last: they win)
 # whole_box (the default): scenario 1 on the curvy layout alone, h100.yaml + h100_whole_box.yaml: 14 env processes,
 #   one learner, the graphed update and sampling on the GPU. Their GPU tests run first; if one fails, the run
 #   trains eagerly instead (said so in the log).
@@ -12,11 +13,14 @@
 set -u
 MODE=whole_box
 DEVICE=cuda
+EXTRA=()
 while (($#)); do
   case $1 in
     whole_box | side_by_side) MODE=$1 ;;
     --device) DEVICE=$2; shift ;;
-    *) echo "usage: bash bench/gpu_train.sh [whole_box | side_by_side] [--device cpu|cuda]"; exit 2 ;;
+    --*) EXTRA+=("$1" "$2"); shift ;;
+    *) echo "usage: bash bench/gpu_train.sh [whole_box | side_by_side] [--device cpu|cuda] [--cli.option value ...]"
+       exit 2 ;;
   esac
   shift
 done
@@ -47,7 +51,7 @@ if [ "$MODE" = whole_box ]; then
   else
     FAST=(--model.init_args.cuda_graph false --data.sample_on_device false)  # both are refused on a CPU
   fi
-  echo "== training with ${FAST[*]:-the graphed update and sampling on the GPU} ($SECONDS s)"
+  echo "== training with ${FAST[*]:-the graphed update and sampling on the GPU} ${EXTRA[*]} ($SECONDS s)"
   RUNS=("h100_whole_box_scenario1_curvy"
         "--config configs/experiments/h100.yaml --config configs/experiments/h100_whole_box.yaml ${FAST[*]}")
 else
@@ -59,7 +63,7 @@ PIDS=()
 for ((i = 0; i < ${#RUNS[@]}; i += 2)); do
   # One thread per process: the env processes and the learners share the 16 cores.
   OMP_NUM_THREADS=1 timeout "$TRAIN_LIMIT_S" python3 cli.py fit ${RUNS[i + 1]} --trainer.logger.init_args.name "${RUNS[i]}" \
-    "${SIZE[@]}" >"$OUT/${RUNS[i]}.log" 2>&1 &
+    "${SIZE[@]}" "${EXTRA[@]}" >"$OUT/${RUNS[i]}.log" 2>&1 &
   PIDS+=($!)
 done
 wait "${PIDS[@]}"   # the runs alone: a bare `wait` would also wait for the tee above, which never ends

@@ -122,7 +122,7 @@ def record_episode(config_path: Path, checkpoint: Path, seed: int, out: Path) ->
 
     agent = TD3.load_from_checkpoint(checkpoint, map_location="cpu")
     agent.eval()
-    env = DrivingEnv(_env_config(config_path), render_mode="rgb_array")
+    env = DrivingEnv(env_config_of(config_path), render_mode="rgb_array")
     frames = []
     try:
         result = run_episode(
@@ -136,7 +136,8 @@ def record_episode(config_path: Path, checkpoint: Path, seed: int, out: Path) ->
     return {"frames": len(frames), **vars(result)}
 
 
-def _env_config(config_path: Path) -> EnvConfig:
+def env_config_of(config_path: Path) -> EnvConfig:
+    """The `data.env` of a run config."""
     try:
         return EnvConfig(**yaml.safe_load(config_path.read_text())["data"]["env"])
     except (OSError, KeyError, TypeError) as why:

@@ -34,3 +34,45 @@ def test_the_cap_leaves_progress_up_to_the_target_speed_alone(speed_factor):
 def test_the_cap_stops_paying_for_speed_past_the_target():
     assert progress_at(1.3) == pytest.approx(3.0 * 1.3)
     assert progress_at(1.3, progress_up_to_target_speed=True) == pytest.approx(3.0)
+
+
+def headway_at(gap_ahead_m, speed_mps=20.0, **weights) -> float:
+    terms = compute_reward(
+        RewardConfig(**weights), speed_mps=speed_mps, target_speed_mps=TARGET_MPS, progress_step_m=speed_mps * DT,
+        dt=DT, lateral_offset_m=0.0, off_road_distance_m=2.5, heading_error_rad=0.0, action_change=np.zeros(2),
+        crashed=False, gap_ahead_m=gap_ahead_m,
+    )
+    assert terms.total == pytest.approx(sum(value for name, value in terms.as_dict().items() if name != "total"))
+    return terms.headway
+
+
+def test_the_headway_term_charges_a_time_gap_below_headway_s_in_proportion():
+    # 20 m/s with headway_s 1.5: the penalty starts under a 30 m gap.
+    assert headway_at(None, headway=2.0) == 0.0  # no car ahead
+    assert headway_at(45.0, headway=2.0) == 0.0
+    assert headway_at(30.0, headway=2.0) == 0.0
+    assert headway_at(15.0, headway=2.0) == pytest.approx(-1.0)  # half the time gap: half the weight
+    assert headway_at(0.0, headway=2.0) == pytest.approx(-2.0)
+    assert headway_at(15.0, headway=2.0, headway_s=3.0) == pytest.approx(-1.5)
+    assert headway_at(5.0, speed_mps=0.0, headway=2.0) == 0.0  # standing: no time gap to close
+    assert headway_at(0.0) == 0.0  # off by default, as the seed's reward
+
+
+def test_the_env_charges_the_headway_to_the_car_ahead_in_its_lane():
+    from lightning_td3.envs import DrivingEnv, EnvConfig
+
+    env = DrivingEnv(EnvConfig(scenario=2, route_length_m=300.0, max_steps=60, num_waypoints=5,
+                               reward=RewardConfig(headway=1.0, headway_s=3.0)))
+    env.reset(seed=4)
+    charged = []
+    for _ in range(40):  # full throttle down the lane: it closes in on the traffic ahead
+        _, _, terminated, truncated, info = env.step(np.array([0.0, 1.0], np.float32))
+        if terminated or truncated:
+            break
+        leader, speed = env.backend.scene().leaders.get(0), info["speed_kmh"] / 3.6
+        expected = 0.0 if leader is None else -min(max(1.0 - leader.gap_m / (speed * 3.0), 0.0), 1.0)
+        assert info["reward_terms"]["headway"] == pytest.approx(expected, abs=1e-6)
+        charged.append(expected)
+    assert min(charged) < -0.1, "the ego never came close to a car ahead: the test shows nothing"
+    with pytest.raises(ValueError, match="env.reward.headway_s must be > 0 seconds"):
+        RewardConfig(headway_s=0.0)

@@ -31,11 +31,20 @@ class RewardConfig:
     # Pay progress only up to the target speed. The per-step penalties make finishing sooner pay, so without the
     # cap a discounted return favours speeding past the target (and the collisions that come with it).
     progress_up_to_target_speed: bool = False
+    # Per step, times `headway`: how far the time gap to the car ahead in the ego's lane (gap / ego speed) is
+    # below `headway_s`, from 0 (at or above it, or no car ahead) to 1 (touching). The crash penalty comes once,
+    # when it is too late; this says so while braking still helps. 0 (the seed): off.
+    headway: float = 0.0
+    headway_s: float = 1.5
 
     def __post_init__(self) -> None:
-        for name in ("efficiency", "lane_keeping", "comfort", "safety", "progress", "crash_penalty"):
+        for name in ("efficiency", "lane_keeping", "comfort", "safety", "progress", "crash_penalty", "headway"):
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and value >= 0, f"env.reward.{name}", "a number >= 0", value)
+        require(
+            isinstance(self.headway_s, (int, float)) and self.headway_s > 0, "env.reward.headway_s", "> 0 seconds",
+            self.headway_s,
+        )
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,7 @@ class DrivingEnv(gym.Env):
             heading_error_rad=measurement.heading_error_rad,
             action_change=action - self._last_action,
             crashed=reason in CRASHES,
+            gap_ahead_m=self._gap_ahead_m() if self.config.reward.headway else None,
         )
         self._last_action = action
         self._last_measurement = measurement
@@ -227,6 +228,10 @@ class DrivingEnv(gym.Env):
         self._return = state["return"]
         self._distance_m = state["distance_m"]
         self.np_random.bit_generator.state = state["np_random"]
+
+    def _gap_ahead_m(self) -> float | None:
+        leader = self.backend.scene().leaders.get(0)
+        return None if leader is None else leader.gap_m
 
     def _termination_reason(self, m: Measurement) -> str | None:
         if m.collision:

@@ -23,6 +23,7 @@ class RewardTerms:
     comfort: float
     safety: float
     progress: float
+    headway: float
     total: float
 
     def as_dict(self) -> dict[str, float]:
@@ -41,7 +42,10 @@ def compute_reward(
     heading_error_rad: float,
     action_change: np.ndarray,
     crashed: bool,
+    gap_ahead_m: float | None = None,
 ) -> RewardTerms:
+    """`gap_ahead_m`: bumper-to-bumper distance to the car ahead in the ego's lane (None: none in sight); only the
+    headway term reads it."""
     efficiency = -min(abs(speed_mps - target_speed_mps) / target_speed_mps, 1.0)
     lane_keeping = -min(
         0.5 * abs(lateral_offset_m) / off_road_distance_m + 0.5 * abs(heading_error_rad) / (math.pi / 2), 1.0
@@ -49,6 +53,9 @@ def compute_reward(
     # Jerk proxy: how much the commands moved since the last step; each component spans at most 2.
     comfort = -float(np.abs(action_change).sum()) / 4.0
     safety = -weights.crash_penalty if crashed else 0.0
+    headway = 0.0
+    if gap_ahead_m is not None and speed_mps > 0:
+        headway = -min(max(1.0 - gap_ahead_m / (speed_mps * weights.headway_s), 0.0), 1.0)
     progress = progress_step_m / (target_speed_mps * dt)
     if weights.progress_up_to_target_speed:
         progress = min(progress, 1.0)
@@ -58,6 +65,7 @@ def compute_reward(
         comfort=weights.comfort * comfort,
         safety=weights.safety * safety,
         progress=weights.progress * progress,
+        headway=weights.headway * headway,
     )
     weighted = {name: float(value) for name, value in weighted.items()}
     return RewardTerms(**weighted, total=sum(weighted.values()))
