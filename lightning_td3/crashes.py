@@ -5,7 +5,8 @@
 Runs the evaluation episodes seed, seed + 1, ... through the evaluation harness and, for each that ends in a
 collision, prints what the ego saw one second before: its speed, the car ahead in its lane (gap and speed), and the
 lane changes of its last four seconds. Then it counts the rear-end collisions: those where, a second before, a car
-was ahead in the ego's lane, slower than the ego, and the ego had not changed lanes for four seconds.
+was ahead in the ego's lane, slower than the ego and less than a second's drive away, and the ego had not changed
+lanes for four seconds.
 """
 
 from __future__ import annotations
@@ -36,7 +37,12 @@ class Crash:
 
     @property
     def rear_end(self) -> bool:
-        return self.gap_ahead_m is not None and self.speed_ahead_kmh < self.speed_kmh and self.lane_changes == 0
+        """Into a slower car that was ahead in the ego's lane, within the ego's next BEFORE_S of road, with no lane
+        change of the ego's (a car further ahead was not the one hit: another cut in)."""
+        return (
+            self.gap_ahead_m is not None and self.gap_ahead_m < self.speed_kmh / 3.6 * BEFORE_S
+            and self.speed_ahead_kmh < self.speed_kmh and self.lane_changes == 0
+        )
 
 
 def crashes(env_config: EnvConfig, policy: Policy, seeds: range) -> tuple[list[Crash], int]:
@@ -89,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"seed {crash.seed}: collision at step {crash.step}; {BEFORE_S:g} s before: {crash.speed_kmh:.0f} km/h, "
               f"{ahead}; lane changes in the last {LANE_CHANGES_S:g} s: {crash.lane_changes}")
     rear_end = sum(crash.rear_end for crash in found)
-    print(f"collisions: {len(found)} of {episodes} episodes; rear-end (a slower car ahead in the ego's lane, no lane "
-          f"change for {LANE_CHANGES_S:g} s): {rear_end}")
+    print(f"collisions: {len(found)} of {episodes} episodes; rear-end (into a slower car ahead in the ego's lane, under "
+          f"{BEFORE_S:g} s away, no lane change for {LANE_CHANGES_S:g} s): {rear_end}")
 
 
 if __name__ == "__main__":

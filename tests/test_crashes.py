@@ -25,7 +25,9 @@ def test_running_into_the_traffic_ahead_is_reported_as_rear_end_collisions():
         assert crash.speed_ahead_kmh < crash.speed_kmh and crash.rear_end
 
 
-def test_a_collision_without_a_slower_car_ahead_or_after_a_lane_change_is_not_rear_end():
+def test_only_a_collision_into_a_slower_car_close_ahead_without_a_lane_change_is_rear_end():
     assert not Crash(0, 10, 90.0, None, None, 0).rear_end
     assert not Crash(0, 10, 90.0, 5.0, 95.0, 0).rear_end
     assert not Crash(0, 10, 90.0, 5.0, 70.0, 1).rear_end
+    assert not Crash(0, 10, 90.0, 40.0, 70.0, 0).rear_end  # 90 km/h covers 25 m in a second: another car cut in
+    assert Crash(0, 10, 90.0, 20.0, 70.0, 0).rear_end
