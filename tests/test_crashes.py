@@ -18,8 +18,8 @@ class FullThrottle:
 
 def test_running_into_the_traffic_ahead_is_reported_as_rear_end_collisions():
     config = EnvConfig(scenario=2, route_length_m=300.0, max_steps=80, num_waypoints=5)
-    found, episodes = crashes(config, FullThrottle(), range(0, 4))
-    assert episodes == 4 and found, "full throttle in dense traffic should collide"
+    found, episodes = crashes(config, FullThrottle(), range(0, 2))
+    assert episodes == 2 and found, "full throttle in dense traffic should collide"
     for crash in found:
         assert crash.lane_changes == 0 and crash.gap_ahead_m is not None and crash.gap_ahead_m < 30.0
         assert crash.speed_ahead_kmh < crash.speed_kmh and crash.rear_end
