@@ -95,7 +95,7 @@ def test_a_bad_setting_stops_the_cli_process_with_one_clear_line():
         (["--model.policy", "psychic"], "Expected a typing.Literal['random', 'idm_mobil']"),
     ],
 )
-def test_bad_settings_are_refused_with_a_short_message_naming_them(override, message):
+def test_bad_settings_are_refused_naming_them(override, message):
     # In this process (the process's own exit path is checked above): what cli.py prints is the error's text.
     with pytest.raises((SystemExit, ConfigError)) as stopped:
         cli.main(["validate", "--config", str(ROOT / "configs/baselines/random.yaml"), *override])
