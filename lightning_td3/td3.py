@@ -191,12 +191,6 @@ class TD3(DrivingModule):
         # Graphs hold this fit's optimizer state and parameters: recorded afresh in every fit (after a resume too).
         self._graphed_update = GraphedUpdate(self._update, self.optimizers()) if self.hparams.cuda_graph else None
 
-    def on_validation_start(self) -> None:
-        # Evaluation is logged against the run's env steps as of now (the Collector has just finished the step
-        # under way), and the training episodes finished since the last log go out first.
-        if self._sync_run_totals():
-            self._log_training_episodes()
-
     def training_step(self, dataloader_iter: Iterator) -> None:
         hp = self.hparams
         update = self.updates
@@ -318,8 +312,7 @@ class TD3(DrivingModule):
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._log_evaluation()
-        if self._sync_run_totals():
-            self._log_training_episodes()  # those since the last update log, so every one is logged before a stop
+        self._sync_run_totals_and_log_episodes()  # every training episode is logged before a stop
         self.log_vs_env_steps(metrics)
 
     def _load_shipped_actor(self, checkpoint: dict) -> None:
@@ -442,7 +435,7 @@ class TD3(DrivingModule):
         )
 
     def _log_update(self, update: int, stats: UpdateStats) -> None:
-        unlogged_episodes = self._sync_run_totals()
+        self._sync_run_totals_and_log_episodes()
         scalars = {
             "train/critic_loss": stats.critic_loss.item(),
             "train/q_mean": stats.q1.mean().item(),
@@ -456,7 +449,10 @@ class TD3(DrivingModule):
             scalars["train/actor_grad_norm"] = stats.actor_grad_norm.item()
         self.log_dict(scalars, batch_size=1)  # the dataloader_iter step flavour makes Lightning ask
         self.log_vs_env_steps(scalars)
-        if unlogged_episodes:
+
+    def _sync_run_totals_and_log_episodes(self) -> None:
+        """The run's totals brought up to date (a collective), then the training episodes finished since last logged."""
+        if self._sync_run_totals():
             self._log_training_episodes()
 
     def _sync_run_totals(self) -> int:
