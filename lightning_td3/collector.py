@@ -149,10 +149,7 @@ class Collector(pl.Callback):
         while self._gave_up is None and (
             (module.env_steps - self.learning_starts) * self.updates_per_step < module.updates + 1
         ):
-            self._finish_step(trainer, module)
-            self._start_step(trainer, module)
-            if not self.overlap:
-                self._finish_step(trainer, module)
+            self._collect(trainer, module, wait=not self.overlap)
         stop_together(trainer, module, self._gave_up)  # between updates: the last one complete, the next not begun
         module.log_dict(
             {"env_steps": float(module.run_env_steps), "episodes": float(module.run_episodes),
@@ -180,11 +177,12 @@ class Collector(pl.Callback):
 
     # --- collection --------------------------------------------------------------------------------------------
 
-    def _collect(self, trainer: pl.Trainer, module) -> None:
-        """One whole vector step: the step in flight (if any) finished, then a new one started and finished."""
+    def _collect(self, trainer: pl.Trainer, module, wait: bool = True) -> None:
+        """Finish the vector step under way (if any) and start the next; with `wait`, finish that one too."""
         self._finish_step(trainer, module)
         self._start_step(trainer, module)
-        self._finish_step(trainer, module)
+        if wait:
+            self._finish_step(trainer, module)
 
     def _start_step(self, trainer: pl.Trainer, module) -> None:
         """Send the envs their next actions: env processes step while the learner updates, until `_finish_step`.
