@@ -9,6 +9,8 @@ the very ones host sampling would give: a run trains the same either way, and re
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -36,14 +38,13 @@ class DeviceReplay:
     def __init__(self, buffer: ReplayBuffer, device: torch.device | str):
         self.buffer = buffer
         self.device = torch.device(device)
+        shapes = {name: array.shape for name, array in self._copied_arrays().items()}
         try:
             self.storage = {
-                name: torch.zeros(array.shape, dtype=COPIED[name], device=self.device)
-                for name, array in buffer.storage().items()
-                if name in COPIED
+                name: torch.zeros(shape, dtype=COPIED[name], device=self.device) for name, shape in shapes.items()
             }
         except torch.OutOfMemoryError as error:
-            gigabytes = sum(array.nbytes for array in buffer.storage().values()) / 1e9
+            gigabytes = sum(math.prod(shape) * COPIED[name].itemsize for name, shape in shapes.items()) / 1e9
             raise ConfigError(
                 f"data.sample_on_device: the replay copy ({buffer.capacity:,} transitions, about {gigabytes:.1f} GB) "
                 f"does not fit on {self.device}; lower data.buffer_capacity or set data.sample_on_device false"
@@ -63,17 +64,19 @@ class DeviceReplay:
     def sync(self) -> None:
         """Bring the copy up to the buffer: the slots changed since the last sync, or all after a reload."""
         if self._generation != self.buffer.generation:
-            filled = int(min(self.buffer.written.max(), self.buffer.slots_per_env))  # rings fill from slot 0
-            for name, array in self.buffer.storage().items():
-                if name in COPIED:
-                    self.storage[name][:, :filled].copy_(torch.from_numpy(array[:, :filled]))
+            filled = self.buffer.filled_slots()
+            for name, array in self._copied_arrays().items():
+                self.storage[name][:, :filled].copy_(torch.from_numpy(array[:, :filled]))
             self._generation = self.buffer.generation
         else:
             rings, slots = self.buffer.slots_changed_since(self._written)
             if rings.size:
                 places = (torch.from_numpy(rings).to(self.device), torch.from_numpy(slots).to(self.device))
-                for name, array in self.buffer.storage().items():
-                    if name in COPIED:
-                        values = torch.from_numpy(array[rings, slots]).to(self.device, COPIED[name])
-                        self.storage[name].index_put_(places, values)
+                for name, array in self._copied_arrays().items():
+                    values = torch.from_numpy(array[rings, slots]).to(self.device, COPIED[name])
+                    self.storage[name].index_put_(places, values)
         self._written = self.buffer.written
+
+    def _copied_arrays(self) -> dict[str, np.ndarray]:
+        """The buffer's storage arrays that the copy holds."""
+        return {name: array for name, array in self.buffer.storage().items() if name in COPIED}

@@ -179,7 +179,7 @@ class ReplayBuffer:
         The storage entries are views of the live arrays, not copies (a full buffer is gigabytes): save or copy
         them before the next `add`.
         """
-        filled = self._filled_slots()
+        filled = self.filled_slots()
         return {
             "config": self._config(),
             "storage": {name: array[:, :filled] for name, array in self.storage().items()},
@@ -239,7 +239,7 @@ class ReplayBuffer:
             "has_next": self._has_next,
         }
 
-    def _filled_slots(self) -> int:
+    def filled_slots(self) -> int:
         """Slots per ring that any ring has written (rings fill from slot 0)."""
         return int(min(self._written.max(), self.slots_per_env))
 

@@ -22,7 +22,7 @@ def assert_copy_matches(device_replay: DeviceReplay) -> None:
     """Every written slot of the copy equals the buffer's (the copy is brought up first)."""
     device_replay.sync()
     buffer = device_replay.buffer
-    filled = int(min(buffer.written.max(), buffer.slots_per_env))
+    filled = buffer.filled_slots()
     for name, array in buffer.storage().items():
         if name in COPIED:
             expected = torch.from_numpy(array[:, :filled]).to(COPIED[name])
