@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from collections import deque
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.errors import UserError
 from lightning_td3.evaluation import Policy, run_episode
+from lightning_td3.run_config import env_config_of
 
 BEFORE_S = 1.0  # how long before the collision the scene is read: the car ahead is still apart from the ego then
 LANE_CHANGES_S = 4.0
@@ -65,7 +67,7 @@ def crashes(env_config: EnvConfig, policy: Policy, seeds: range) -> tuple[list[C
             if result.collision:
                 speed, _, gap, speed_ahead = seen[max(len(seen) - 1 - steps_per_second, 0)]
                 lanes = [lane for _, lane, _, _ in seen]
-                changes = sum(before != after for before, after in zip(lanes, lanes[1:]))
+                changes = sum(before != after for before, after in pairwise(lanes))
                 found.append(Crash(seed, result.episode_length, speed, gap, speed_ahead, changes))
     finally:
         env.close()
@@ -73,7 +75,6 @@ def crashes(env_config: EnvConfig, policy: Policy, seeds: range) -> tuple[list[C
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lightning_td3.figures import env_config_of
     from lightning_td3.td3 import TD3
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

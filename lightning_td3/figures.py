@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from lightning_td3.baselines import IdmMobilPolicy, RandomPolicy
 from lightning_td3.envs import DrivingEnv, EnvConfig
-from lightning_td3.errors import ConfigError, UserError
+from lightning_td3.errors import UserError
 from lightning_td3.evaluation import evaluate, run_episode
+from lightning_td3.run_config import data_section, env_config_of
 
 CURVE_METRICS = {"eval/success_rate": "success rate", "eval/episode_return": "episode return"}
 BASELINES = {"Random": RandomPolicy, "IDM+MOBIL": IdmMobilPolicy}
@@ -54,9 +54,9 @@ def run_evaluation_episodes(run_dir: Path) -> tuple[EnvConfig, list[int]]:
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise UserError(f"{config_path} is missing: the baselines need the run's config to replay its evaluation")
-    data = yaml.safe_load(config_path.read_text())["data"]
+    data = data_section(config_path)
     seeds = list(range(data["eval_seed"], data["eval_seed"] + data["eval_episodes"]))
-    return EnvConfig(**data["env"]), seeds
+    return env_config_of(config_path), seeds
 
 
 def plot_learning_curve(run_dir: Path, out: Path) -> dict[str, dict[str, float]]:
@@ -134,14 +134,6 @@ def record_episode(config_path: Path, checkpoint: Path, seed: int, out: Path) ->
     images = [Image.fromarray(frame) for frame in frames]
     images[0].save(out, save_all=True, append_images=images[1:], duration=1000 // env.metadata["render_fps"], loop=0)
     return {"frames": len(frames), **vars(result)}
-
-
-def env_config_of(config_path: Path) -> EnvConfig:
-    """The `data.env` of a run config."""
-    try:
-        return EnvConfig(**yaml.safe_load(config_path.read_text())["data"]["env"])
-    except (OSError, KeyError, TypeError) as why:
-        raise ConfigError(f"{config_path}: cannot read data.env from it ({why!r})") from why
 
 
 def main(argv: list[str] | None = None) -> None:
