@@ -22,10 +22,10 @@ def data_section(config_path: Path) -> dict:
         raise ConfigError(f"{config_path}: cannot read its data section ({why!r})") from why
 
 
-def env_config_of(config_path: Path) -> EnvConfig:
-    """The `data.env` of a run config."""
+def env_config_of(config_path: Path, **overrides) -> EnvConfig:
+    """The `data.env` of a run config, with `overrides` (env settings) over it as `--data.env.*` options would be."""
     data = data_section(config_path)
     try:
-        return EnvConfig(**data["env"])
+        return EnvConfig(**{**data["env"], **overrides})
     except (KeyError, TypeError) as why:
         raise ConfigError(f"{config_path}: cannot read data.env from it ({why!r})") from why

@@ -10,7 +10,6 @@ from PIL import Image
 
 import cli
 from lightning_td3.baselines import RandomPolicy
-from lightning_td3.envs import EnvConfig
 from lightning_td3.errors import CheckpointError, UserError
 from lightning_td3.evaluation import evaluate
 from lightning_td3.export import ACTOR_ONLY_KEY, export_actor
@@ -19,6 +18,7 @@ from lightning_td3.figures import (
     plot_learning_curve,
     record_episode,
 )
+from lightning_td3.run_config import env_config_of
 from lightning_td3.td3 import TD3
 from tests.tiny_run import fit
 
@@ -110,7 +110,7 @@ def test_the_shipped_agent_is_small_and_drives_on_held_out_seeds(name):
     assert {value.dtype for value in shipped["state_dict"].values()} == {torch.float16}
     agent = TD3.load_from_checkpoint(path, map_location="cpu")
     config = ROOT / "configs" / "experiments" / f"{config_name}.yaml"
-    env_config = EnvConfig(**{**yaml.safe_load(config.read_text())["data"]["env"], **env_overrides})
+    env_config = env_config_of(config, **env_overrides)
     seeds = [50000, 50001]
     with torch.no_grad():
         driven = evaluate(agent.policy(), env_config, seeds)
@@ -142,5 +142,5 @@ def test_episode_gif_has_one_frame_per_observation(trained, tmp_path):
     image.seek(image.n_frames - 1)
     last = np.asarray(image.convert("L"))
     assert first.shape == last.shape and not np.array_equal(first, last)
-    tiny_env = EnvConfig(**yaml.safe_load((run_dir / "tiny.yaml").read_text())["data"]["env"])
+    tiny_env = env_config_of(run_dir / "tiny.yaml")
     assert image.info["duration"] == 1000 // tiny_env.policy_frequency_hz  # plays in real time
