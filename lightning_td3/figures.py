@@ -1,18 +1,20 @@
 """Pictures of a run for people: the learning curve against the baselines, and a GIF of one evaluation episode.
 
-    python -m lightning_td3.figures curve --run runs/<name>/version_<n> --out docs/<name>_curve.png
+    python -m lightning_td3.figures curve --run runs/<name>/version_<n> [more, in order] --out docs/<name>_curve.png
     python -m lightning_td3.figures episode --config <run config>.yaml --ckpt <checkpoint> --seed 50000 \
         --out docs/<name>_episode.gif
 
 The curve reads the run's own TensorBoard scalars (logged against env steps) and its saved config; the baselines
 are evaluated on the very episodes the run was validated on, through the same harness, so the lines compare like
-with like. The GIF shows what the networks see (the 4-frame camera stack) above a top view of the road.
+with like. A resumed run logs into a new version_<n> directory: give the run's directories in the order they ran,
+and the curve continues across them. The GIF shows what the networks see (the 4-frame camera stack) above a top view of the road.
 Needs matplotlib (`pip install -e ".[figures]"`).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +34,35 @@ CAPTION_HEIGHT = 20
 
 # --- learning curve ------------------------------------------------------------------------------------------------
 
-def eval_scalars_vs_env_steps(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{metric: (env_steps, values)} of the run's evaluations, from its TensorBoard event files."""
+def eval_scalars_vs_env_steps(*run_dirs: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{metric: (env_steps, values)} of a run's evaluations, from its TensorBoard event files.
+
+    `run_dirs`: the run's log directory, then those of its resumptions in the order they ran. A resumption starts
+    from a checkpoint, which may be older than what its predecessor logged last (it crashed after the checkpoint):
+    what the predecessor logged after the resumption's first logged env step is dropped, as that training was redone.
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    available = set(events.Tags()["scalars"])
-    curves = {}
-    for metric in CURVE_METRICS:
-        tag = f"{metric}_vs_env_steps"
-        if tag not in available:
-            raise UserError(f"{run_dir} has no '{tag}' scalars: is it a TD3 run's log directory (runs/<name>/version_<n>)?")
-        points = events.Scalars(tag)
-        curves[metric] = (np.array([p.step for p in points]), np.array([p.value for p in points]))
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for run_dir in run_dirs:
+        events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+        events.Reload()
+        available = set(events.Tags()["scalars"])
+        for metric in CURVE_METRICS:
+            if f"{metric}_vs_env_steps" not in available:
+                raise UserError(
+                    f"{run_dir} has no '{metric}_vs_env_steps' scalars: is it a TD3 run's log directory "
+                    "(runs/<name>/version_<n>)?"
+                )
+        resumed_from = min(events.Scalars(tag)[0].step for tag in available if tag.endswith("_vs_env_steps"))
+        for metric in CURVE_METRICS:
+            points = events.Scalars(f"{metric}_vs_env_steps")
+            earlier_steps, earlier_values = curves.get(metric, (np.array([], int), np.array([])))
+            kept = earlier_steps <= resumed_from
+            curves[metric] = (
+                np.concatenate([earlier_steps[kept], [p.step for p in points]]),
+                np.concatenate([earlier_values[kept], [p.value for p in points]]),
+            )
     return curves
 
 
@@ -59,15 +76,24 @@ def run_evaluation_episodes(run_dir: Path) -> tuple[EnvConfig, list[int]]:
     return env_config_of(config_path), seeds
 
 
-def plot_learning_curve(run_dir: Path, out: Path) -> dict[str, dict[str, float]]:
-    """Draw the run's evaluation curves with the baselines as horizontal lines; return the baselines' metrics."""
+def plot_learning_curve(run_dirs: Sequence[Path], out: Path) -> dict[str, dict[str, float]]:
+    """Draw the run's evaluation curves with the baselines as horizontal lines; return the baselines' metrics.
+
+    `run_dirs`: the run's log directory, followed by those of its resumptions in the order they ran.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = eval_scalars_vs_env_steps(run_dir)
-    env_config, seeds = run_evaluation_episodes(run_dir)
+    env_config, seeds = run_evaluation_episodes(run_dirs[0])
+    for run_dir in run_dirs[1:]:
+        if run_evaluation_episodes(run_dir) != (env_config, seeds):
+            raise UserError(
+                f"{run_dir} was evaluated on other episodes than {run_dirs[0]} (its config.yaml's data.env, "
+                "eval_seed or eval_episodes differ): one curve needs the same evaluation throughout"
+            )
+    curves = eval_scalars_vs_env_steps(*run_dirs)
     baselines = {name: evaluate(policy(), env_config, seeds) for name, policy in BASELINES.items()}
 
     figure, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(11, 4), constrained_layout=True)
@@ -82,8 +108,9 @@ def plot_learning_curve(run_dir: Path, out: Path) -> dict[str, dict[str, float]]
         axis.grid(alpha=0.3)
     axes[0].set_ylim(-0.05, 1.05)
     axes[0].legend(loc="lower right")
+    versions = "+".join(run_dir.name for run_dir in run_dirs)
     figure.suptitle(
-        f"{run_dir.parent.name}/{run_dir.name}: scenario {env_config.scenario}, {env_config.layout}, "
+        f"{run_dirs[0].parent.name}/{versions}: scenario {env_config.scenario}, {env_config.layout}, "
         f"{len(seeds)} evaluation episodes (seeds {seeds[0]}-{seeds[-1]})"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     curve = commands.add_parser("curve", help="learning curve PNG with the two baselines")
-    curve.add_argument("--run", type=Path, required=True, help="the run's log directory (runs/<name>/version_<n>)")
+    curve.add_argument(
+        "--run", type=Path, nargs="+", required=True,
+        help="the run's log directory (runs/<name>/version_<n>), then those of its resumptions in the order they ran",
+    )
     curve.add_argument("--out", type=Path, required=True)
     episode = commands.add_parser("episode", help="GIF of one evaluation episode")
     episode.add_argument("--config", type=Path, required=True, help="the run's config (its data.env is used)")

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
 
 import cli
 from lightning_td3.baselines import RandomPolicy
@@ -125,11 +126,38 @@ def test_learning_curve_reads_the_run_and_draws_both_baselines(trained, tmp_path
     env_steps = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["td3_progress"]["env_steps"]
     assert curves["eval/success_rate"][0].tolist() == [env_steps]  # one evaluation, at the end of the one epoch
     png = tmp_path / "curve.png"
-    baselines = plot_learning_curve(log_dir, png)
+    baselines = plot_learning_curve([log_dir], png)
     assert set(baselines) == {"Random", "IDM+MOBIL"}
     assert Image.open(png).size == (1100, 400)
     with pytest.raises(UserError, match="eval/success_rate_vs_env_steps"):
         eval_scalars_vs_env_steps(tmp_path)
+
+
+def test_the_curve_of_a_resumed_run_continues_across_its_log_directories(tmp_path):
+    run_dir = tmp_path / "run"
+    fit(run_dir)
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    first = torch.load(checkpoint, weights_only=True)["td3_progress"]["env_steps"]
+    fit(run_dir, "--ckpt_path", str(checkpoint), **{"trainer.max_epochs": 2})  # logs into version_1
+    second = torch.load(checkpoint, weights_only=True)["td3_progress"]["env_steps"]
+    logs = run_dir / "logs" / "tiny"
+    resumed_value = eval_scalars_vs_env_steps(logs / "version_1")["eval/success_rate"][1].tolist()
+    # As if the first process had evaluated once more after its checkpoint and then crashed: redone by the resumption.
+    with SummaryWriter(logs / "version_0") as writer:
+        writer.add_scalar("eval/success_rate_vs_env_steps", -1.0, second)
+
+    steps, values = eval_scalars_vs_env_steps(logs / "version_0", logs / "version_1")["eval/success_rate"]
+    assert first < second
+    assert steps.tolist() == [first, second]
+    assert values[1:].tolist() == resumed_value
+
+    png = tmp_path / "curve.png"
+    plot_learning_curve([logs / "version_0", logs / "version_1"], png)
+    assert Image.open(png).size == (1100, 400)
+    config = logs / "version_1" / "config.yaml"
+    config.write_text(config.read_text().replace("eval_episodes: 1", "eval_episodes: 2"))
+    with pytest.raises(UserError, match="version_1 was evaluated on other episodes than .*version_0"):
+        plot_learning_curve([logs / "version_0", logs / "version_1"], tmp_path / "mixed.png")
 
 
 def test_episode_gif_has_one_frame_per_observation(trained, tmp_path):
