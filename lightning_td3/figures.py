@@ -154,7 +154,8 @@ def record_episode(config_path: Path, checkpoint: Path, seed: int, out: Path) ->
     frames = []
     try:
         result = run_episode(
-            env, agent.policy(), seed, watch=lambda obs, info: frames.append(episode_frame(obs["image"], env.render(), _caption(info)))
+            env, agent.policy(), seed,
+            watch=lambda obs, info: frames.append(episode_frame(obs["image"], env.render(), _caption(info))),
         )
     finally:
         env.close()
