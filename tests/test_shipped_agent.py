@@ -30,6 +30,7 @@ SHIPPED_AGENTS = {
     "cpu_scenario0_capped": ("cpu_scenario0_capped", {}),
     "h100_scenario1_curvy": ("h100", {}),
     "cpu_scenario1_curvy_long": ("h100", {}),  # h100.yaml with cpu_scenario1_curvy_long.yaml over it: the same env
+    "cpu_scenario1_curvy_headway": ("h100", {}),  # the same env; its headway term changes the reward alone
     "h100_scenario2": ("h100", {"scenario": 2, "layout": "straight"}),
 }
 
