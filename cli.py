@@ -33,7 +33,7 @@ class DrivingCLI(LightningCLI):
         fault_tolerance.check_outputs(self.trainer, self.model, self.datamodule)
 
 
-def main(args=None) -> LightningCLI:
+def main(args=None, run: bool = True) -> LightningCLI:
     return DrivingCLI(
         DrivingModule,
         ReplayDataModule,
@@ -43,6 +43,7 @@ def main(args=None) -> LightningCLI:
         # TD3 builds its two optimizers itself (model.actor_lr / model.critic_lr).
         auto_configure_optimizers=False,
         args=args,
+        run=run,
     )
 
 

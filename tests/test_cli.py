@@ -1,11 +1,13 @@
 """The CLI end to end: fit writes TensorBoard events and checkpoints, validate evaluates agents and baselines alike."""
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import cli
@@ -144,3 +146,25 @@ def test_sampling_on_the_device_is_refused_on_a_cpu_before_any_env_runs(tmp_path
         fit(tmp_path, "--data.sample_on_device", "true")
     assert plan.resets == 0, "no env was started"
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("replay"))
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs/experiments").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_experiment_config_builds_its_run_from_the_command_in_its_header(config, monkeypatch):
+    # These configs run for an hour or on a GPU, so nothing else builds them: a renamed option would surface there.
+    command = next(line for line in config.read_text().splitlines() if "python cli.py fit" in line)
+    monkeypatch.chdir(ROOT)  # the headers' paths are relative to the repository
+    arguments = shlex.split(command.split("python cli.py fit", 1)[1])
+    resolved = cli.main([*arguments, "--trainer.accelerator", "cpu"], run=False).config
+    # The file is the last layer of its command, so each of its settings must reach the run as written.
+    for key, value in _leaves(yaml.safe_load(config.read_text())):
+        if key != "trainer.accelerator":
+            assert resolved[key] == value, f"{config.name}: {key}"
+
+
+def _leaves(settings: dict, prefix: str = ""):
+    """(dotted key, value) of every setting but lists (callbacks), which the CLI resolves into its own form."""
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{name}.")
+        elif not isinstance(value, list):
+            yield f"{prefix}{name}", value
