@@ -7,21 +7,28 @@ collision, prints what the ego saw one second before: its speed, the car ahead i
 lane changes of its last four seconds. Then it counts the rear-end collisions: those where, a second before, a car
 was ahead in the ego's lane, slower than the ego and less than a second's drive away, and the ego had not changed
 lanes for four seconds.
+
+With `--critic` (a training checkpoint: an exported actor has no critics) it also prints, for each collision, what the
+critics expected a second before (`TD3.value`) against the discounted return that followed, and the same error
+averaged over every step of the episodes that reached the goal: does the critic see the crash coming?
 """
 
 from __future__ import annotations
 
 import argparse
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.errors import UserError
 from lightning_td3.evaluation import Policy, run_episode
+from lightning_td3.export import ACTOR_ONLY_KEY
 from lightning_td3.run_config import env_config_of
 
 BEFORE_S = 1.0  # how long before the collision the scene is read: the car ahead is still apart from the ego then
@@ -36,6 +43,9 @@ class Crash:
     gap_ahead_m: float | None  # to the car ahead in the ego's lane then (None: none in sight)
     speed_ahead_kmh: float | None
     lane_changes: int  # in the last LANE_CHANGES_S
+    # With a critic: its value of the state BEFORE_S before the collision, and the discounted return that followed
+    critic_value: float | None = None
+    return_after: float | None = None
 
     @property
     def rear_end(self) -> bool:
@@ -47,31 +57,64 @@ class Crash:
         )
 
 
-def crashes(env_config: EnvConfig, policy: Policy, seeds: range) -> tuple[list[Crash], int]:
-    """The collisions of the episodes with these seeds, and how many episodes ran."""
+@dataclass
+class Report:
+    crashes: list[Crash]
+    episodes: int
+    # With a critic: its value minus the discounted return that followed, averaged over every step of the episodes
+    # that reached the goal (None: no critic, or no such episode)
+    critic_error_to_goal: float | None = None
+
+
+def crashes(
+    env_config: EnvConfig, policy: Policy, seeds: range,
+    critic: Callable[[dict], float] | None = None, gamma: float = 0.99,
+) -> Report:
+    """The collisions of the episodes with these seeds; `critic(observation)` is read at every step if given."""
     env = DrivingEnv(env_config)
     steps_per_second = round(1.0 / env.backend.dt)
-    found = []
+    found, errors_to_goal = [], []
     try:
         for seed in seeds:
             # (speed km/h, lane, gap ahead, speed ahead) of the last LANE_CHANGES_S, newest last
             seen = deque(maxlen=round(LANE_CHANGES_S * steps_per_second) + 1)
+            values, rewards = [], []  # the critic's value of each observation; each step's reward
 
             def watch(obs, info):
                 scene = env.backend.scene()
                 leader = scene.leaders.get(0)
                 seen.append((scene.speed_mps * 3.6, scene.lane, leader and leader.gap_m,
                              leader and leader.speed_mps * 3.6))
+                if "reward_terms" in info:  # not after the reset
+                    rewards.append(info["reward_terms"]["total"])
+                if critic is not None:
+                    values.append(critic(obs))
 
             result = run_episode(env, policy, seed, watch)
+            returns_after = _discounted_returns(rewards, gamma)
             if result.collision:
                 speed, _, gap, speed_ahead = seen[max(len(seen) - 1 - steps_per_second, 0)]
                 lanes = [lane for _, lane, _, _ in seen]
                 changes = sum(before != after for before, after in pairwise(lanes))
-                found.append(Crash(seed, result.episode_length, speed, gap, speed_ahead, changes))
+                crash = Crash(seed, result.episode_length, speed, gap, speed_ahead, changes)
+                if critic is not None:
+                    before = max(len(rewards) - steps_per_second, 0)
+                    crash.critic_value, crash.return_after = values[before], float(returns_after[before])
+                found.append(crash)
+            elif result.success and critic is not None:
+                errors_to_goal.extend(np.asarray(values[:-1]) - returns_after)
     finally:
         env.close()
-    return found, len(seeds)
+    return Report(found, len(seeds), float(np.mean(errors_to_goal)) if errors_to_goal else None)
+
+
+def _discounted_returns(rewards: list[float], gamma: float) -> np.ndarray:
+    """The return that followed each step of an episode that ended there (terminated, nothing to bootstrap)."""
+    returns, following = np.zeros(len(rewards)), 0.0
+    for step in reversed(range(len(rewards))):
+        following = rewards[step] + gamma * following
+        returns[step] = following
+    return returns
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,22 +125,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt", type=Path, required=True, help="a training checkpoint or an exported actor")
     parser.add_argument("--seed", type=int, required=True, help="the first evaluation seed")
     parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--critic", action="store_true", help="also read the critics (a training checkpoint only)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     try:
         agent = TD3.load_from_checkpoint(args.ckpt, map_location="cpu")
         agent.eval()
-        found, episodes = crashes(env_config_of(args.config), agent.policy(), range(args.seed, args.seed + args.episodes))
+        critic = None
+        if args.critic:
+            if ACTOR_ONLY_KEY in torch.load(args.ckpt, map_location="cpu", weights_only=False):
+                raise UserError(f"{args.ckpt} is an exported actor, without the critics that --critic reads: give "
+                                "the training checkpoint it was exported from")
+
+            def critic(observation: dict) -> float:
+                return float(agent.value({key: value[None] for key, value in observation.items()})[0])
+
+        report = crashes(env_config_of(args.config), agent.policy(), range(args.seed, args.seed + args.episodes),
+                         critic, agent.hparams.gamma)
     except UserError as error:
         raise SystemExit(f"error: {error}") from None
-    for crash in found:
+    for crash in report.crashes:
         ahead = "no car ahead" if crash.gap_ahead_m is None else (
             f"car ahead {crash.gap_ahead_m:.1f} m at {crash.speed_ahead_kmh:.0f} km/h")
+        expected = "" if crash.critic_value is None else (
+            f"; critic {crash.critic_value:+.1f}, return that followed {crash.return_after:+.1f}")
         print(f"seed {crash.seed}: collision at step {crash.step}; {BEFORE_S:g} s before: {crash.speed_kmh:.0f} km/h, "
-              f"{ahead}; lane changes in the last {LANE_CHANGES_S:g} s: {crash.lane_changes}")
-    rear_end = sum(crash.rear_end for crash in found)
-    print(f"collisions: {len(found)} of {episodes} episodes; rear-end (into a slower car ahead in the ego's lane, under "
-          f"{BEFORE_S:g} s away, no lane change for {LANE_CHANGES_S:g} s): {rear_end}")
+              f"{ahead}; lane changes in the last {LANE_CHANGES_S:g} s: {crash.lane_changes}{expected}")
+    rear_end = sum(crash.rear_end for crash in report.crashes)
+    print(f"collisions: {len(report.crashes)} of {report.episodes} episodes; rear-end (into a slower car ahead in the "
+          f"ego's lane, under {BEFORE_S:g} s away, no lane change for {LANE_CHANGES_S:g} s): {rear_end}")
+    if report.crashes and args.critic:
+        errors = [crash.critic_value - crash.return_after for crash in report.crashes]
+        print(f"critic minus the return that followed, {BEFORE_S:g} s before a collision: mean {np.mean(errors):+.1f}")
+    if report.critic_error_to_goal is not None:
+        print(f"critic minus the return that followed, every step of the episodes that reached the goal: mean "
+              f"{report.critic_error_to_goal:+.1f}")
 
 
 if __name__ == "__main__":

@@ -254,6 +254,14 @@ class TD3(DrivingModule):
         vector = torch.as_tensor(observation["vector"], device=self.device)
         return self.actor(image, vector).float().cpu().numpy()
 
+    @torch.no_grad()
+    def value(self, observation: dict[str, np.ndarray]) -> np.ndarray:
+        """What the critics expect of the actor's action, for a batch of observations: the smaller of the twin Q
+        values, as in the TD3 target (for reading the critic, e.g. `python -m lightning_td3.crashes --critic`)."""
+        image = torch.as_tensor(observation["image"], device=self.device)
+        vector = torch.as_tensor(observation["vector"], device=self.device)
+        return torch.minimum(*self.critic(image, vector, self.actor(image, vector))).float().cpu().numpy()
+
     def policy(self) -> Policy:
         return _ActorPolicy(self)
 

@@ -1,9 +1,14 @@
 """The crash report: what the car ahead did a second before each collision of an evaluation episode."""
 
-import numpy as np
+from pathlib import Path
 
-from lightning_td3.crashes import Crash, crashes
-from lightning_td3.envs import EnvConfig
+import numpy as np
+import pytest
+
+from lightning_td3.crashes import Crash, crashes, main
+from lightning_td3.envs import DrivingEnv, EnvConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class FullThrottle:
@@ -18,9 +23,9 @@ class FullThrottle:
 
 def test_running_into_the_traffic_ahead_is_reported_as_rear_end_collisions():
     config = EnvConfig(scenario=2, route_length_m=300.0, max_steps=80, num_waypoints=5)
-    found, episodes = crashes(config, FullThrottle(), range(0, 2))
-    assert episodes == 2 and found, "full throttle in dense traffic should collide"
-    for crash in found:
+    report = crashes(config, FullThrottle(), range(0, 2))
+    assert report.episodes == 2 and report.crashes, "full throttle in dense traffic should collide"
+    for crash in report.crashes:
         assert crash.lane_changes == 0 and crash.gap_ahead_m is not None and crash.gap_ahead_m < 30.0
         assert crash.speed_ahead_kmh < crash.speed_kmh and crash.rear_end
 
@@ -31,3 +36,52 @@ def test_only_a_collision_into_a_slower_car_close_ahead_without_a_lane_change_is
     assert not Crash(0, 10, 90.0, 5.0, 70.0, 1).rear_end
     assert not Crash(0, 10, 90.0, 40.0, 70.0, 0).rear_end  # 90 km/h covers 25 m in a second: another car cut in
     assert Crash(0, 10, 90.0, 20.0, 70.0, 0).rear_end
+
+
+def test_the_critic_is_read_a_second_before_each_collision_against_the_return_that_followed():
+    config = EnvConfig(scenario=2, route_length_m=300.0, max_steps=80, num_waypoints=5)
+    observed = []
+
+    def critic(observation) -> float:  # a stand-in critic: its value is the step's index, so the step read shows
+        observed.append(observation)
+        return float(len(observed) - 1)
+
+    report = crashes(config, FullThrottle(), range(1), critic, gamma=0.9)
+    (crash,) = report.crashes
+    rewards = _rewards_of(config, seed=0)
+    assert len(rewards) == crash.step and len(observed) == crash.step + 1  # every observation, the last one too
+    before = crash.step - 5  # a second at 5 decisions per second
+    assert crash.critic_value == before
+    assert crash.return_after == pytest.approx(sum(0.9**k * reward for k, reward in enumerate(rewards[before:])))
+    assert report.critic_error_to_goal is None  # no episode reached the goal
+
+
+def test_the_critic_error_on_the_way_to_the_goal_averages_every_step():
+    config = EnvConfig(scenario=0, traffic_density=0.0, route_length_m=100.0, max_steps=80, num_waypoints=5)
+    report = crashes(config, FullThrottle(), range(1), critic=lambda observation: 10.0, gamma=0.9)
+    rewards = _rewards_of(config, seed=0)
+    returns_after = [sum(0.9**k * reward for k, reward in enumerate(rewards[start:])) for start in range(len(rewards))]
+    assert not report.crashes
+    assert report.critic_error_to_goal == pytest.approx(10.0 - np.mean(returns_after))
+
+
+def test_reading_the_critic_of_an_exported_actor_is_refused_naming_the_file():
+    shipped = ROOT / "agents/td3_cpu_scenario1_curvy_headway.ckpt"
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", str(ROOT / "configs/experiments/h100.yaml"), "--ckpt", str(shipped), "--seed", "0",
+              "--critic"])
+    assert "exported actor" in str(stopped.value.code) and str(shipped) in str(stopped.value.code)
+
+
+def _rewards_of(config: EnvConfig, seed: int) -> list[float]:
+    """The episode's rewards, from the env itself."""
+    env = DrivingEnv(config)
+    env.reset(seed=seed)
+    rewards, done = [], False
+    while not done:
+        _, reward, terminated, truncated, info = env.step(np.array([0.0, 1.0], np.float32))
+        rewards.append(reward)
+        done = terminated or truncated
+    env.close()
+    assert info["reason"] in ("collision", "goal"), "the return that followed needs an episode that ended there"
+    return rewards
