@@ -8,9 +8,9 @@ lane changes of its last four seconds. Then it counts the rear-end collisions: t
 was ahead in the ego's lane, slower than the ego and less than a second's drive away, and the ego had not changed
 lanes for four seconds.
 
-With `--critic` (a training checkpoint: an exported actor has no critics) it also prints, for each collision, what the
-critics expected a second before (`TD3.value`) against the discounted return that followed, and the same error
-averaged over every step of the episodes that reached the goal: does the critic see the crash coming?
+With `--critic` (a training checkpoint: an exported actor has no trained critics) it also prints, for each
+collision, what the critics expected a second before (`TD3.value`) against the discounted return that followed, and
+the same error averaged over every step of the episodes that reached the goal: does the critic see the crash coming?
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import torch
 from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.errors import UserError
 from lightning_td3.evaluation import Policy, run_episode
-from lightning_td3.export import ACTOR_ONLY_KEY
 from lightning_td3.run_config import env_config_of
 
 BEFORE_S = 1.0  # how long before the collision the scene is read: the car ahead is still apart from the ego then
@@ -131,17 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         agent = TD3.load_from_checkpoint(args.ckpt, map_location="cpu")
         agent.eval()
-        critic = None
-        if args.critic:
-            if ACTOR_ONLY_KEY in torch.load(args.ckpt, map_location="cpu", weights_only=False):
-                raise UserError(f"{args.ckpt} is an exported actor, without the critics that --critic reads: give "
-                                "the training checkpoint it was exported from")
-
-            def critic(observation: dict) -> float:
-                return float(agent.value({key: value[None] for key, value in observation.items()})[0])
-
-        report = crashes(env_config_of(args.config), agent.policy(), range(args.seed, args.seed + args.episodes),
-                         critic, agent.hparams.gamma)
+        if args.critic and agent.actor_only:
+            raise UserError(f"{args.ckpt} is an exported actor, without the critics that --critic reads: give the "
+                            "training checkpoint it was exported from")
+        policy = agent.policy()
+        report = crashes(env_config_of(args.config), policy, range(args.seed, args.seed + args.episodes),
+                         policy.value if args.critic else None, agent.hparams.gamma)
     except UserError as error:
         raise SystemExit(f"error: {error}") from None
     for crash in report.crashes:

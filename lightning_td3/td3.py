@@ -161,6 +161,8 @@ class TD3(DrivingModule):
         # The whole run's env steps and episodes (summed over processes) as of the last time scalars were logged.
         self.run_env_steps = 0
         self.run_episodes = 0
+        # Loaded from an exported actor: the critics are as built, untrained, and have nothing to say.
+        self.actor_only = False
         # The Collector's training episodes finished since they were last logged.
         self.train_episode_metrics = EvaluationMetrics(prefix="train/")
 
@@ -250,20 +252,25 @@ class TD3(DrivingModule):
     @torch.no_grad()
     def act(self, observation: dict[str, np.ndarray]) -> np.ndarray:
         """Deterministic actions for a batch of observations (numpy in, numpy out)."""
-        image = torch.as_tensor(observation["image"], device=self.device)
-        vector = torch.as_tensor(observation["vector"], device=self.device)
-        return self.actor(image, vector).float().cpu().numpy()
+        return self.actor(*self._on_device(observation)).float().cpu().numpy()
 
     @torch.no_grad()
     def value(self, observation: dict[str, np.ndarray]) -> np.ndarray:
         """What the critics expect of the actor's action, for a batch of observations: the smaller of the twin Q
         values, as in the TD3 target (for reading the critic, e.g. `python -m lightning_td3.crashes --critic`)."""
-        image = torch.as_tensor(observation["image"], device=self.device)
-        vector = torch.as_tensor(observation["vector"], device=self.device)
+        if self.actor_only:
+            raise CheckpointError(
+                "an exported actor has no trained critics to read: load the training checkpoint it was exported from"
+            )
+        image, vector = self._on_device(observation)
         return torch.minimum(*self.critic(image, vector, self.actor(image, vector))).float().cpu().numpy()
 
     def policy(self) -> Policy:
         return _ActorPolicy(self)
+
+    def _on_device(self, observation: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.as_tensor(observation["image"], device=self.device),
+                torch.as_tensor(observation["vector"], device=self.device))
 
     @property
     def skipped_updates(self) -> int:
@@ -333,6 +340,7 @@ class TD3(DrivingModule):
         shipped = checkpoint[ACTOR_ONLY_KEY]
         self._check_fits(checkpoint["state_dict"], shipped["hyper_parameters"], part="actor.")
         self.run_env_steps = shipped["env_steps"]  # where its evaluation goes on the env-step axis
+        self.actor_only = True
         # The critic stays as built; filling it in keeps Lightning's strict loading, which still guards the actor.
         own = self.state_dict()
         checkpoint["state_dict"] = {
@@ -528,8 +536,15 @@ class _ActorPolicy:
         pass
 
     def act(self, observation: dict[str, np.ndarray], env: DrivingEnv) -> np.ndarray:
-        batched = {key: value[None] for key, value in observation.items()}
-        return self.module.act(batched)[0]
+        return self.module.act(_batch_of_one(observation))[0]
+
+    def value(self, observation: dict[str, np.ndarray]) -> float:
+        """`TD3.value` of this one observation."""
+        return float(self.module.value(_batch_of_one(observation))[0])
+
+
+def _batch_of_one(observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {key: value[None] for key, value in observation.items()}
 
 
 def _let_ddp_find_unused_parameters(strategy: DDPStrategy) -> None:

@@ -76,6 +76,23 @@ def test_fit_refuses_an_exported_actor_and_keeps_the_file(trained):
     assert exported.read_bytes() == before
 
 
+def test_the_critics_are_read_from_a_training_checkpoint_and_refused_from_an_exported_actor(trained):
+    run_dir, exported = trained
+    full = TD3.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8, generator=generator)
+    vector = torch.randn(3, full.hparams.vector_size, generator=generator)
+    with torch.no_grad():
+        q1, q2 = full.critic(image, vector, full.actor(image, vector))
+    value = full.value({"image": image.numpy(), "vector": vector.numpy()})
+    torch.testing.assert_close(torch.as_tensor(value), torch.minimum(q1, q2))  # the clipped double-Q, as the target
+    observation = {"image": image[0].numpy(), "vector": vector[0].numpy()}
+    assert full.policy().value(observation) == pytest.approx(float(value[0]))
+    shipped = TD3.load_from_checkpoint(exported, map_location="cpu")
+    with pytest.raises(CheckpointError, match="an exported actor has no trained critics"):
+        shipped.policy().value(observation)
+
+
 def test_a_checkpoint_of_another_shape_names_the_parameter_and_the_settings(trained, tmp_path):
     run_dir, exported = trained
     config = yaml.safe_load((run_dir / "tiny.yaml").read_text())
