@@ -9,8 +9,13 @@ was ahead in the ego's lane, slower than the ego and less than a second's drive 
 lanes for four seconds.
 
 With `--critic` (a training checkpoint: an exported actor has no trained critics) it also prints, for each
-collision, what the critics expected a second before (`TD3.value`) against the discounted return that followed, and
-the same error averaged over every step of the episodes that reached the goal: does the critic see the crash coming?
+collision, what the critics expected a second before (`TD3.value`) against the discounted return that followed, that
+error averaged over the collisions at each decision of their last second, and the same error averaged over every
+step of the episodes that reached the goal: does the critic see the crash coming?
+
+With `--replay <replay file of the run>` (a training checkpoint too) it prints how the critics fit the crashes the
+replay holds, the transitions they learned from: at the last step of each, their value of the action taken against
+the reward that came, grouped by when the crashes were collected. Does the critic know the crashes it was shown?
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import torch
 from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.errors import UserError
 from lightning_td3.evaluation import Policy, run_episode
+from lightning_td3.replay import ReplayBuffer
+from lightning_td3.replay_file import read_shard
 from lightning_td3.run_config import env_config_of
 
 BEFORE_S = 1.0  # how long before the collision the scene is read: the car ahead is still apart from the ego then
@@ -45,6 +52,8 @@ class Crash:
     # With a critic: its value of the state BEFORE_S before the collision, and the discounted return that followed
     critic_value: float | None = None
     return_after: float | None = None
+    # With a critic: its value minus the return that followed at each decision of the last BEFORE_S, the last first
+    critic_errors: tuple[float, ...] | None = None
 
     @property
     def rear_end(self) -> bool:
@@ -63,6 +72,17 @@ class Report:
     # With a critic: its value minus the discounted return that followed, averaged over every step of the episodes
     # that reached the goal (None: no critic, or no such episode)
     critic_error_to_goal: float | None = None
+    decision_s: float = 0.0  # simulated seconds between two decisions
+
+
+@dataclass
+class ReplayedCrashes:
+    """The crash transitions of one part of a replay (collected at about the same time): how many, the critic's mean
+    value of their state and the action taken, and their mean reward (the crash charge and the step's other terms)."""
+
+    count: int
+    critic_value: float
+    reward: float
 
 
 def crashes(
@@ -99,12 +119,38 @@ def crashes(
                 if critic is not None:
                     before = max(len(rewards) - steps_per_second, 0)
                     crash.critic_value, crash.return_after = values[before], float(returns_after[before])
+                    last_second = range(len(rewards) - 1, before - 1, -1)
+                    crash.critic_errors = tuple(values[step] - float(returns_after[step]) for step in last_second)
                 found.append(crash)
             elif result.success and critic is not None:
                 errors_to_goal.extend(np.asarray(values[:-1]) - returns_after)
     finally:
         env.close()
-    return Report(found, len(seeds), float(np.mean(errors_to_goal)) if errors_to_goal else None)
+    return Report(found, len(seeds), float(np.mean(errors_to_goal)) if errors_to_goal else None, env.backend.dt)
+
+
+def replayed_crashes(
+    buffer: ReplayBuffer, critic: Callable[[dict, np.ndarray], np.ndarray], crash_reward: float, parts: int = 5,
+    batch_size: int = 256,
+) -> list[ReplayedCrashes]:
+    """The transitions of `buffer` that end an episode with a reward under `crash_reward`, split into `parts` by
+    when they were collected (each ring's oldest first), with `critic(observations, actions)` of each."""
+    storage = buffer.storage()
+    rings, slots = np.nonzero(storage["has_next"] & storage["terminated"] & (storage["rewards"] < crash_reward))
+    filled = np.minimum(buffer.written, buffer.slots_per_env)
+    oldest = np.where(buffer.written > buffer.slots_per_env, buffer.written % buffer.slots_per_env, 0)
+    collected = ((slots - oldest[rings]) % buffer.slots_per_env) / filled[rings]  # 0 = the ring's oldest
+    part_of = np.minimum((collected * parts).astype(int), parts - 1)
+    values, rewards = np.zeros(rings.size), np.zeros(rings.size)
+    for start in range(0, rings.size, batch_size):
+        batch = buffer.transitions_at(rings[start:start + batch_size], slots[start:start + batch_size])
+        values[start:start + batch_size] = critic(batch, batch["action"]).reshape(-1)
+        rewards[start:start + batch_size] = batch["reward"]
+    return [
+        ReplayedCrashes(int(mask.sum()), float(values[mask].mean()), float(rewards[mask].mean())) if mask.any()
+        else ReplayedCrashes(0, float("nan"), float("nan"))
+        for mask in (part_of == part for part in range(parts))
+    ]
 
 
 def _discounted_returns(rewards: list[float], gamma: float) -> np.ndarray:
@@ -125,16 +171,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, required=True, help="the first evaluation seed")
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--critic", action="store_true", help="also read the critics (a training checkpoint only)")
+    parser.add_argument("--replay", type=Path, help="a replay file of the run (runs/.../checkpoints/replay/*.bin): "
+                        "how the critics fit the crashes it holds (a training checkpoint only)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     try:
         agent = TD3.load_from_checkpoint(args.ckpt, map_location="cpu")
         agent.eval()
-        if args.critic and agent.actor_only:
-            raise UserError(f"{args.ckpt} is an exported actor, without the critics that --critic reads: give the "
-                            "training checkpoint it was exported from")
+        if (args.critic or args.replay) and agent.actor_only:
+            raise UserError(f"{args.ckpt} is an exported actor, without the critics that --critic and --replay "
+                            "read: give the training checkpoint it was exported from")
+        env_config = env_config_of(args.config)
+        # A crash's transition carries the crash charge; every other step's penalties sum to a few points at most.
+        crash_reward = -env_config.reward.crash_penalty * env_config.reward.safety / 2
+        replayed = replayed_crashes(read_shard(args.replay), agent.value, crash_reward) if args.replay else None
         policy = agent.policy()
-        report = crashes(env_config_of(args.config), policy, range(args.seed, args.seed + args.episodes),
+        report = crashes(env_config, policy, range(args.seed, args.seed + args.episodes),
                          policy.value if args.critic else None, agent.hparams.gamma)
     except UserError as error:
         raise SystemExit(f"error: {error}") from None
@@ -151,9 +203,19 @@ def main(argv: list[str] | None = None) -> None:
     if report.crashes and args.critic:
         errors = [crash.critic_value - crash.return_after for crash in report.crashes]
         print(f"critic minus the return that followed, {BEFORE_S:g} s before a collision: mean {np.mean(errors):+.1f}")
+        by_decision = [[crash.critic_errors[k] for crash in report.crashes if len(crash.critic_errors) > k]
+                       for k in range(max(len(crash.critic_errors) for crash in report.crashes))]
+        print("the same at each decision before the collision: " + ", ".join(
+            f"{(k + 1) * report.decision_s:.1f} s {np.mean(errors):+.1f}" for k, errors in enumerate(by_decision)))
     if report.critic_error_to_goal is not None:
         print(f"critic minus the return that followed, every step of the episodes that reached the goal: mean "
               f"{report.critic_error_to_goal:+.1f}")
+    if replayed is not None:
+        print(f"replay {args.replay}: {sum(part.count for part in replayed)} transitions end in a crash (terminated, "
+              f"reward under {crash_reward:g}); at each, the critic's value of the action taken against the reward, "
+              f"in {len(replayed)} parts by when they were collected, the oldest first:")
+        for part in replayed:
+            print(f"  {part.count} crashes: critic {part.critic_value:+.1f}, reward {part.reward:+.1f}")
 
 
 if __name__ == "__main__":

@@ -136,7 +136,12 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """`batch_size` transitions drawn uniformly (with replacement) from all valid ones in all rings."""
-        batch = gather_transitions(self.storage(), *self.sample_slots(batch_size, rng))
+        return self.transitions_at(*self._sample_starts(batch_size, rng))
+
+    def transitions_at(self, rings: np.ndarray, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """The transitions that start at these (ring, slot) places (valid starts, e.g. where `has_next` is set), as
+        `sample` returns them."""
+        batch = gather_transitions(self.storage(), *self._transition_slots(rings, slots))
         batch["terminated"] = batch["terminated"].astype(np.float32)
         return batch
 
@@ -144,9 +149,11 @@ class ReplayBuffer:
         self, batch_size: int, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Where `sample` takes its transitions from: rings (B,), and the slots of obs and next_obs stacks (B, 4)."""
-        if len(self) == 0:
-            raise ValueError("cannot sample from a replay buffer without complete transitions")
-        rings, slots = self._sample_starts(batch_size, rng)
+        return self._transition_slots(*self._sample_starts(batch_size, rng))
+
+    def _transition_slots(
+        self, rings: np.ndarray, slots: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         stack_slots = self._stack_slots(rings, slots)
         # The env's next stack is its stack rolled left plus the new frame; rebuilding it from the next slot's
         # own step gives exactly that (same episode, step + 1).
@@ -317,6 +324,8 @@ class ReplayBuffer:
         Invalid slots are few (an episode's last observation, the ring's 3 oldest), so this rarely redraws,
         and it needs no index of valid slots to maintain.
         """
+        if len(self) == 0:
+            raise ValueError("cannot sample from a replay buffer without complete transitions")
         filled_per_ring = np.minimum(self._written, self.slots_per_env)
         ring_starts = np.cumsum(filled_per_ring) - filled_per_ring
         rings, slots = np.empty(0, np.int64), np.empty(0, np.int64)

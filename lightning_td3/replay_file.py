@@ -105,6 +105,15 @@ def load_shard(path: Path, buffer: ReplayBuffer, key: str, rank: int, world_size
     return header["extra"]
 
 
+def read_shard(path: Path) -> ReplayBuffer:
+    """A buffer holding what the shard at `path` holds, whichever run, rank and key wrote it (to inspect a run's
+    replay, e.g. `python -m lightning_td3.crashes --replay`)."""
+    header, _ = _checked_header(path)
+    buffer = ReplayBuffer(**dict(header["config"], frame_shape=tuple(header["config"]["frame_shape"])))
+    load_shard(path, buffer, header["key"], header["rank"], header["world_size"])
+    return buffer
+
+
 def _checked_header(path: Path) -> tuple[dict, int]:
     """The header of a complete, undamaged shard file, and where its arrays start."""
     try:

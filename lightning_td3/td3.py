@@ -255,15 +255,16 @@ class TD3(DrivingModule):
         return self.actor(*self._on_device(observation)).float().cpu().numpy()
 
     @torch.no_grad()
-    def value(self, observation: dict[str, np.ndarray]) -> np.ndarray:
-        """What the critics expect of the actor's action, for a batch of observations: the smaller of the twin Q
-        values, as in the TD3 target (for reading the critic, e.g. `python -m lightning_td3.crashes --critic`)."""
+    def value(self, observation: dict[str, np.ndarray], action: np.ndarray | None = None) -> np.ndarray:
+        """What the critics expect of `action` (default: the actor's), for a batch of observations: the smaller of
+        the twin Q values, as in the TD3 target (for reading the critic, e.g. `python -m lightning_td3.crashes`)."""
         if self.actor_only:
             raise CheckpointError(
                 "an exported actor has no trained critics to read: load the training checkpoint it was exported from"
             )
         image, vector = self._on_device(observation)
-        return torch.minimum(*self.critic(image, vector, self.actor(image, vector))).float().cpu().numpy()
+        action = self.actor(image, vector) if action is None else torch.as_tensor(action, device=self.device)
+        return torch.minimum(*self.critic(image, vector, action)).float().cpu().numpy()
 
     def policy(self) -> Policy:
         return _ActorPolicy(self)

@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_td3.crashes import Crash, crashes, main
+from lightning_td3.crashes import Crash, crashes, main, replayed_crashes
 from lightning_td3.envs import DrivingEnv, EnvConfig
+from lightning_td3.replay import ReplayBuffer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +54,11 @@ def test_the_critic_is_read_a_second_before_each_collision_against_the_return_th
     before = crash.step - 5  # a second at 5 decisions per second
     assert crash.critic_value == before
     assert crash.return_after == pytest.approx(sum(0.9**k * reward for k, reward in enumerate(rewards[before:])))
+    # each decision of the last second, the last one (a decision before the collision) first
+    returns_after = [sum(0.9**k * reward for k, reward in enumerate(rewards[step:])) for step in range(crash.step)]
+    last_second = range(crash.step - 1, before - 1, -1)
+    assert crash.critic_errors == pytest.approx([step - returns_after[step] for step in last_second])
+    assert report.decision_s == pytest.approx(0.2)
     assert report.critic_error_to_goal is None  # no episode reached the goal
 
 
@@ -65,11 +71,44 @@ def test_the_critic_error_on_the_way_to_the_goal_averages_every_step():
     assert report.critic_error_to_goal == pytest.approx(10.0 - np.mean(returns_after))
 
 
+def test_the_replayed_crashes_are_the_crash_transitions_still_held_grouped_by_when_they_were_collected():
+    """Ten episodes of ten steps into a ring of 60 slots: each writes 11 (its reset observation and ten more), so
+    the ring holds write positions 50..109. The even episodes end in a crash; episodes 4, 6 and 8 are still held,
+    their crash transitions starting at positions 53, 75 and 97, i.e. at 5 %, 42 % and 78 % of what the ring holds.
+    Each odd one ends at the goal (terminated too, with a positive reward)."""
+    rng = np.random.default_rng(0)
+    buffer = ReplayBuffer(capacity=60, num_envs=1, vector_size=3)
+    for episode in range(10):
+        stack = np.repeat(rng.integers(0, 256, (1, 1, 84, 84), np.uint8), 4, axis=1)
+        for step in range(10):
+            next_stack = np.concatenate([stack[:, 1:], rng.integers(0, 256, (1, 1, 84, 84), np.uint8)], axis=1)
+            last = step == 9
+            reward = (-50.0 if episode % 2 == 0 else 3.0) if last else 0.0
+            buffer.add({"image": stack, "vector": np.full((1, 3), episode, np.float32)},
+                       np.array([[episode / 100, 0.0]], np.float32), np.array([reward]),
+                       {"image": next_stack, "vector": np.full((1, 3), episode, np.float32)},
+                       np.array([last]), np.array([False]))
+            stack = next_stack
+
+    def critic(observations, actions):  # names the episode of each observation, and the action that came with it
+        return observations["vector"][:, 0] * 10 + actions[:, 0]
+
+    oldest_half, newest_half = replayed_crashes(buffer, critic, crash_reward=-25.0, parts=2)
+    assert (oldest_half.count, newest_half.count) == (2, 1)
+    assert oldest_half.critic_value == pytest.approx((40.04 + 60.06) / 2)
+    assert newest_half.critic_value == pytest.approx(80.08)
+    assert oldest_half.reward == newest_half.reward == -50.0
+
+
 def test_reading_the_critic_of_an_exported_actor_is_refused_naming_the_file():
     shipped = ROOT / "agents/td3_cpu_scenario1_curvy_headway.ckpt"
     with pytest.raises(SystemExit) as stopped:
         main(["--config", str(ROOT / "configs/experiments/h100.yaml"), "--ckpt", str(shipped), "--seed", "0",
               "--critic"])
+    assert "exported actor" in str(stopped.value.code) and str(shipped) in str(stopped.value.code)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", str(ROOT / "configs/experiments/h100.yaml"), "--ckpt", str(shipped), "--seed", "0",
+              "--replay", str(ROOT / "no-such-replay.bin")])
     assert "exported actor" in str(stopped.value.code) and str(shipped) in str(stopped.value.code)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from lightning_td3.errors import CheckpointError
 from lightning_td3.replay import ReplayBuffer
-from lightning_td3.replay_file import load_shard, save_shard, shard_name, shards_of_rank
+from lightning_td3.replay_file import load_shard, read_shard, save_shard, shard_name, shards_of_rank
 from tests.test_replay import VECTOR_SIZE, collect, fill
 
 KEY = "20261126-120000-000-00001"
@@ -48,6 +48,17 @@ def test_round_trip_restores_contents_and_extra_state_exactly(shard):
     fill(restored, calls)
     for name, array in original.state_dict()["storage"].items():
         np.testing.assert_array_equal(restored.state_dict()["storage"][name], array, err_msg=name)
+
+
+def test_a_shard_is_read_into_a_buffer_of_its_own_shape_whichever_rank_wrote_it(shard):
+    path, original = shard  # rank 1 of 2: a buffer of 3 rings of 20 slots
+    read = read_shard(path)
+    assert (read.num_envs, read.capacity, read.vector_size) == (3, 60, VECTOR_SIZE)
+    for name, array in original.state_dict()["storage"].items():
+        np.testing.assert_array_equal(read.state_dict()["storage"][name], array, err_msg=name)
+    damage_flip_a_payload_bit(path)
+    with pytest.raises(CheckpointError, match="damaged"):
+        read_shard(path)
 
 
 def test_an_empty_buffer_round_trips(tmp_path):
