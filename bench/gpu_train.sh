@@ -43,9 +43,9 @@ fi
 if [ "$MODE" = whole_box ]; then
   FAST=()
   if [ "$DEVICE" = cuda ]; then
-    echo "== GPU tests of the graphed update and of sampling on the GPU ($SECONDS s)"
+    echo "== GPU tests of the graphed update (model.image_shift's shifts in it too) and of sampling on the GPU ($SECONDS s)"
     if ! timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
-        -k "cuda_graph_update_matches or sampling_on_the_device"; then
+        -k "cuda_graph_update_matches or sampling_on_the_device or random_shift_recorded_in_a_cuda_graph"; then
       FAST=(--model.init_args.cuda_graph false --data.sample_on_device false --trainer.limit_train_batches 10000)
     fi
   else

@@ -69,6 +69,19 @@ def smoothed_target_action(
     return (target_action + noise).clamp(-1.0, 1.0)
 
 
+def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Each stack of a (B, C, H, W) batch moved by its own random whole-pixel offset in [-max_shift, max_shift] on
+    both axes, the edge pixels repeated into the gap (DrQ's pad-and-crop). The frames of one stack move together,
+    so the motion between them stays as recorded."""
+    batch, _, height, width = images.shape
+    offsets = torch.randint(-max_shift, max_shift + 1, (batch, 2), device=images.device)
+    rows = (torch.arange(height, device=images.device) + offsets[:, :1]).clamp(0, height - 1)
+    cols = (torch.arange(width, device=images.device) + offsets[:, 1:]).clamp(0, width - 1)
+    samples = torch.arange(batch, device=images.device)[:, None, None, None]
+    channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return images[samples, channels, rows[:, None, :, None], cols[:, None, None, :]]
+
+
 class TD3(DrivingModule):
     """TD3 with separate actor and critic NatureCNNs.
 
@@ -95,6 +108,9 @@ class TD3(DrivingModule):
             and no target (an actor failure comes after the critic's step, which stays). The skip is decided on the
             device, without a host sync; the streak is read on logging steps, so the stop comes at the first
             logging step after the streak reached this length (up to `log_every_n_updates` updates later).
+        image_shift: random shift augmentation (DrQ): each update sees its obs and next_obs stacks moved by up to
+            this many pixels (independently per stack), so the CNNs cannot memorise the few crash states pixel by
+            pixel. 0: off (the seed). Acting and evaluation always see the frames as they are.
         cuda_graph: record the whole update (forward, backward, clipping, Adam, Polyak, skip counters) as CUDA
             graphs after a few eager warm-up updates and replay them: a handful of host calls per update instead
             of hundreds of kernel launches. One CUDA device only; not with `compile` or mixed-precision trainers.
@@ -120,6 +136,7 @@ class TD3(DrivingModule):
         bf16_cnn: bool = False,
         max_nonfinite_updates: int = 100,
         cuda_graph: bool = False,
+        image_shift: int = 0,
     ) -> None:
         super().__init__()
         require(0.0 <= gamma < 1.0, "model.gamma", "in [0, 1)", gamma)
@@ -130,6 +147,10 @@ class TD3(DrivingModule):
         require(
             isinstance(max_nonfinite_updates, int) and max_nonfinite_updates >= 1,
             "model.max_nonfinite_updates", "an integer >= 1", max_nonfinite_updates,
+        )
+        require(
+            isinstance(image_shift, int) and 0 <= image_shift < 42, "model.image_shift", "an integer in 0..41 (pixels)",
+            image_shift,
         )
         # torch.compile brings its own CUDA graphs (mode="reduce-overhead"); the two do not nest.
         require(not (cuda_graph and compile), "model.cuda_graph", "false when model.compile is true", cuda_graph)
@@ -220,13 +241,16 @@ class TD3(DrivingModule):
         hp = self.hparams
         actor_optimizer, critic_optimizer = optimizers
         image, vector, action = batch["image"], batch["vector"], batch["action"]
+        next_image = batch["next_image"]
+        if hp.image_shift:
+            image, next_image = random_shift(image, hp.image_shift), random_shift(next_image, hp.image_shift)
 
         # Critic: regress both Q heads onto the clipped double-Q target of the smoothed target policy.
         with torch.no_grad():
             next_action = smoothed_target_action(
-                self.actor_target(batch["next_image"], batch["next_vector"]), hp.policy_noise, hp.noise_clip
+                self.actor_target(next_image, batch["next_vector"]), hp.policy_noise, hp.noise_clip
             )
-            next_q1, next_q2 = self.critic_target(batch["next_image"], batch["next_vector"], next_action)
+            next_q1, next_q2 = self.critic_target(next_image, batch["next_vector"], next_action)
             target_q = clipped_double_q_target(batch["reward"], batch["terminated"], next_q1, next_q2, hp.gamma)
         q1, q2 = self.critic(image, vector, action)
         critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)

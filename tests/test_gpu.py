@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_td3.envs import DrivingEnv, EnvConfig
-from lightning_td3.td3 import TD3
+from lightning_td3.td3 import TD3, random_shift
 from tests.tiny_run import TINY_ENV, fit
 
 pytestmark = pytest.mark.gpu
@@ -113,3 +113,23 @@ def test_cuda_graph_fit_resumes_from_its_checkpoint(tmp_path):
     critic_steps = [state["step"] for state in second["optimizer_states"][1]["state"].values()]
     assert all(step == 12 for step in critic_steps)
     assert all(torch.isfinite(value).all() for value in second["state_dict"].values())
+
+
+def test_random_shift_recorded_in_a_cuda_graph_draws_new_offsets_on_every_replay():
+    """model.image_shift inside a graphed update: each replay must shift anew, not repeat the recorded offsets."""
+    from tests.test_td3 import fixed_batch, offsets_of
+
+    images = fixed_batch(size=32)["image"].cuda()
+    side = torch.cuda.Stream()  # warm up off the capture stream, as torch.cuda.graph asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        random_shift(images, 4)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        shifted = random_shift(images, 4)
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        replays.append(offsets_of(shifted.cpu(), images.cpu(), 4))
+    assert replays[0] != replays[1]

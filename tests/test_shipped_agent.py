@@ -31,6 +31,7 @@ SHIPPED_AGENTS = {
     "h100_scenario1_curvy": ("h100", {}),
     "cpu_scenario1_curvy_long": ("h100", {}),  # h100.yaml with cpu_scenario1_curvy_long.yaml over it: the same env
     "cpu_scenario1_curvy_headway": ("h100", {}),  # the same env; its headway term changes the reward alone
+    "cpu_scenario1_curvy_drq": ("h100", {}),  # the same env and reward as the headway agent's
     "h100_scenario2": ("h100", {"scenario": 2, "layout": "straight"}),
 }
 

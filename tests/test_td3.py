@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -9,7 +10,12 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_td3.errors import ConfigError, TrainingAborted
-from lightning_td3.td3 import TD3, clipped_double_q_target, smoothed_target_action
+from lightning_td3.td3 import (
+    TD3,
+    clipped_double_q_target,
+    random_shift,
+    smoothed_target_action,
+)
 
 VECTOR = 54
 
@@ -107,7 +113,56 @@ def test_target_policy_smoothing_noise_is_clipped_and_actions_stay_in_range():
     assert near_edge.max() <= 1.0
 
 
-@pytest.mark.parametrize("field,value", [("gamma", 1.0), ("tau", 0.0), ("policy_delay", 0)])
+def offsets_of(shifted: torch.Tensor, images: torch.Tensor, max_shift: int) -> list[tuple[int, int]]:
+    """Per stack, the one (row, column) offset whose edge-padded crop of the original stack gives the shifted stack
+    (an AssertionError if none or several do)."""
+    found = []
+    for original, moved in zip(images.numpy(), shifted.numpy()):
+        padded = np.pad(original, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)), mode="edge")
+        height, width = original.shape[1:]
+        matches = [
+            (dy, dx) for dy in range(-max_shift, max_shift + 1) for dx in range(-max_shift, max_shift + 1)
+            if np.array_equal(padded[:, max_shift + dy:max_shift + dy + height, max_shift + dx:max_shift + dx + width],
+                              moved)
+        ]
+        assert len(matches) == 1, matches
+        found.append(matches[0])
+    return found
+
+
+def test_random_shift_moves_each_whole_stack_by_its_own_offset_within_the_bound_repeating_the_edges():
+    torch.manual_seed(0)
+    images = fixed_batch(size=64)["image"]
+    shifted = random_shift(images, 4)
+    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
+    offsets = offsets_of(shifted, images, 4)  # the four frames of a stack moved together, by at most 4 pixels
+    assert len(set(offsets)) > 20  # drawn per stack, not once per batch
+    assert {dy for dy, _ in offsets} == set(range(-4, 5))
+    assert torch.equal(random_shift(images, 0), images)
+
+
+def test_image_shift_feeds_the_update_shifted_obs_and_next_obs_stacks():
+    torch.manual_seed(0)
+    module = TD3(vector_size=VECTOR, hidden_sizes=(32,), image_shift=3)
+    seen = {}
+
+    def record(name):
+        def hook(_, args):
+            seen.setdefault(name, args[0].clone())  # the first call: the critic loss's (the actor's comes later)
+        return hook
+
+    module.critic.register_forward_pre_hook(record("image"))
+    module.critic_target.register_forward_pre_hook(record("next_image"))
+    batch = fixed_batch()
+    one_update(module)
+    for name in ("image", "next_image"):
+        offsets = offsets_of(seen[name], batch[name], 3)
+        assert any(offset != (0, 0) for offset in offsets)
+
+
+@pytest.mark.parametrize(
+    "field,value", [("gamma", 1.0), ("tau", 0.0), ("policy_delay", 0), ("image_shift", -1), ("image_shift", 42)]
+)
 def test_bad_hyper_parameters_are_rejected_with_the_field_name(field, value):
     with pytest.raises(ValueError, match=f"model.{field}"):
         TD3(vector_size=VECTOR, **{field: value})
