@@ -87,6 +87,12 @@ def test_the_critics_are_read_from_a_training_checkpoint_and_refused_from_an_exp
         q1, q2 = full.critic(image, vector, full.actor(image, vector))
     value = full.value({"image": image.numpy(), "vector": vector.numpy()})
     torch.testing.assert_close(torch.as_tensor(value), torch.minimum(q1, q2))  # the clipped double-Q, as the target
+    brake = torch.tensor([[0.0, -1.0]] * 3)  # a given action instead of the actor's (crashes --replay)
+    with torch.no_grad():
+        braking = torch.minimum(*full.critic(image, vector, brake))
+    value_of_braking = full.value({"image": image.numpy(), "vector": vector.numpy()}, brake.numpy())
+    torch.testing.assert_close(torch.as_tensor(value_of_braking), braking)
+    assert not torch.allclose(braking, torch.minimum(q1, q2))
     observation = {"image": image[0].numpy(), "vector": vector[0].numpy()}
     assert full.policy().value(observation) == pytest.approx(float(value[0]))
     shipped = TD3.load_from_checkpoint(exported, map_location="cpu")
