@@ -138,7 +138,7 @@ def replayed_crashes(
     storage = buffer.storage()
     rings, slots = np.nonzero(storage["has_next"] & storage["terminated"] & (storage["rewards"] < crash_reward))
     filled = np.minimum(buffer.written, buffer.slots_per_env)
-    oldest = np.where(buffer.written > buffer.slots_per_env, buffer.written % buffer.slots_per_env, 0)
+    oldest = (buffer.written - filled) % buffer.slots_per_env
     collected = ((slots - oldest[rings]) % buffer.slots_per_env) / filled[rings]  # 0 = the ring's oldest
     part_of = np.minimum((collected * parts).astype(int), parts - 1)
     values, rewards = np.zeros(rings.size), np.zeros(rings.size)

@@ -80,10 +80,30 @@ def load_shard(path: Path, buffer: ReplayBuffer, key: str, rank: int, world_size
     The whole file is checked before the buffer is touched, so a damaged file leaves the buffer as it was.
     """
     header, payload_offset = _checked_header(path)
-    expected = {"format": FORMAT_VERSION, "key": key, "rank": rank, "world_size": world_size}
-    for name, value in expected.items():
+    for name, value in {"key": key, "rank": rank, "world_size": world_size}.items():
         if header.get(name) != value:
             raise CheckpointError(f"replay file {path}: {name} is {header.get(name)!r}, expected {value!r}")
+    _fill(buffer, path, header, payload_offset)
+    return header["extra"]
+
+
+def read_shard(path: Path) -> ReplayBuffer:
+    """A buffer holding what the shard at `path` holds, whichever run, rank and key wrote it (to inspect a run's
+    replay, e.g. `python -m lightning_td3.crashes --replay`)."""
+    header, payload_offset = _checked_header(path)
+    buffer = ReplayBuffer(**_buffer_config(header))
+    _fill(buffer, path, header, payload_offset)
+    return buffer
+
+
+def _buffer_config(header: dict) -> dict:
+    return dict(header["config"], frame_shape=tuple(header["config"]["frame_shape"]))
+
+
+def _fill(buffer: ReplayBuffer, path: Path, header: dict, payload_offset: int) -> None:
+    """Load the checked shard's arrays into `buffer`."""
+    if header.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"replay file {path}: format is {header.get('format')!r}, expected {FORMAT_VERSION!r}")
     offset = payload_offset
     storage = {}
     for entry in header["arrays"]:
@@ -91,10 +111,9 @@ def load_shard(path: Path, buffer: ReplayBuffer, key: str, rank: int, world_size
         # Memory-mapped: the buffer copies page by page from the file, no second in-memory copy of the replay.
         storage[entry["name"]] = np.memmap(path, dtype, "r", offset, shape) if np.prod(shape) else np.zeros(shape, dtype)
         offset += dtype.itemsize * int(np.prod(shape))
-    config = dict(header["config"], frame_shape=tuple(header["config"]["frame_shape"]))
     try:
         buffer.load_state_dict({
-            "config": config,
+            "config": _buffer_config(header),
             "storage": storage,
             "heads": np.asarray(header["heads"], np.int64),
             "written": np.asarray(header["written"], np.int64),
@@ -102,16 +121,6 @@ def load_shard(path: Path, buffer: ReplayBuffer, key: str, rank: int, world_size
         })
     except ValueError as why:
         raise CheckpointError(f"replay file {path} does not fit this run: {why}") from None
-    return header["extra"]
-
-
-def read_shard(path: Path) -> ReplayBuffer:
-    """A buffer holding what the shard at `path` holds, whichever run, rank and key wrote it (to inspect a run's
-    replay, e.g. `python -m lightning_td3.crashes --replay`)."""
-    header, _ = _checked_header(path)
-    buffer = ReplayBuffer(**dict(header["config"], frame_shape=tuple(header["config"]["frame_shape"])))
-    load_shard(path, buffer, header["key"], header["rank"], header["world_size"])
-    return buffer
 
 
 def _checked_header(path: Path) -> tuple[dict, int]:

@@ -108,9 +108,9 @@ class TD3(DrivingModule):
             and no target (an actor failure comes after the critic's step, which stays). The skip is decided on the
             device, without a host sync; the streak is read on logging steps, so the stop comes at the first
             logging step after the streak reached this length (up to `log_every_n_updates` updates later).
-        image_shift: random shift augmentation (DrQ): each update sees its obs and next_obs stacks moved by up to
-            this many pixels (independently per stack): DrQ's augmentation, against CNNs that learn states pixel by
-            pixel. 0: off (the seed). Acting and evaluation always see the frames as they are.
+        image_shift: each update sees its obs and next_obs stacks moved by up to this many pixels (independently
+            per stack): DrQ's augmentation, against CNNs that learn states pixel by pixel. 0: off (the seed). Acting
+            and evaluation always see the frames as they are.
         cuda_graph: record the whole update (forward, backward, clipping, Adam, Polyak, skip counters) as CUDA
             graphs after a few eager warm-up updates and replay them: a handful of host calls per update instead
             of hundreds of kernel launches. One CUDA device only; not with `compile` or mixed-precision trainers.
