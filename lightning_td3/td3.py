@@ -86,7 +86,7 @@ class TD3(DrivingModule):
     """TD3 with separate actor and critic NatureCNNs.
 
     Args:
-        vector_size: length of the vector observation (linked from `data.env` by the CLI).
+        vector_size: length of the vector observation; must be `data.env`'s (checked at setup).
         hidden_sizes: hidden layers of the actor and critic heads.
         layer_norm: LayerNorm in the heads (stabilises Q-learning from pixels).
         actor_lr: Adam learning rate of the actor (and its CNN).
@@ -193,7 +193,8 @@ class TD3(DrivingModule):
         if env is not None and env.vector_size != self.hparams.vector_size:
             raise ConfigError(
                 f"model.init_args.vector_size is {self.hparams.vector_size} but data.env gives vectors of "
-                f"{env.vector_size} (4 + 2 x num_waypoints={env.num_waypoints}); set vector_size: {env.vector_size}"
+                f"{env.vector_size} (4 + 2 x num_waypoints={env.num_waypoints}, + 2 with observe_leader="
+                f"{env.observe_leader}); set vector_size: {env.vector_size}"
             )
         if isinstance(self.trainer.strategy, DDPStrategy):
             _let_ddp_find_unused_parameters(self.trainer.strategy)

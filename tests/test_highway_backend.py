@@ -14,6 +14,7 @@ from highway_env.vehicle.graphics import VehicleGraphics
 from highway_env.vehicle.kinematics import Vehicle
 
 from lightning_td3.envs import DrivingEnv, EnvConfig
+from lightning_td3.envs.contract import LEADER_RANGE_M, SPEED_SCALE_MPS
 from lightning_td3.envs.highway_backend import (
     EGO_COLOR,
     FIRST_BEND_AFTER_START_M,
@@ -252,6 +253,39 @@ def test_scene_gaps_are_bumper_to_bumper_on_each_lane():
                 assert found.gap_m == pytest.approx(max(min(distances) - Vehicle.LENGTH, 0.0), abs=1e-6)
             else:
                 assert found is None
+
+
+def test_observe_leader_appends_the_gap_and_closing_speed_to_the_car_ahead():
+    def rollout(observe_leader: bool, **overrides):
+        env = DrivingEnv(EnvConfig(scenario=2, route_length_m=300.0, num_waypoints=5, observe_leader=observe_leader,
+                                   **overrides))
+        obs, _ = env.reset(seed=4)
+        vectors, leaders = [obs["vector"]], [env.scene().leaders.get(0)]
+        for _ in range(30):  # full throttle down the lane: it closes in on the traffic ahead
+            obs, _, terminated, truncated, _ = env.step(np.array([0.0, 1.0], np.float32))
+            vectors.append(obs["vector"])
+            leaders.append(env.scene().leaders.get(0))
+            if terminated or truncated:
+                break
+        return np.stack(vectors), leaders
+
+    with_leader, leaders = rollout(True)
+    without, _ = rollout(False)
+    assert with_leader.shape[1] == without.shape[1] + 2 == EnvConfig(num_waypoints=5, observe_leader=True).vector_size
+    np.testing.assert_array_equal(with_leader[:, :-2], without)  # the rest of the vector and the episode unchanged
+    for vector, leader in zip(with_leader, leaders, strict=True):
+        speed = vector[0] * SPEED_SCALE_MPS
+        if leader is not None and leader.gap_m < LEADER_RANGE_M:
+            expected = (leader.gap_m / LEADER_RANGE_M, (speed - leader.speed_mps) / SPEED_SCALE_MPS)
+        else:
+            expected = (1.0, 0.0)
+        np.testing.assert_allclose(vector[-2:], expected, atol=1e-5)
+    assert with_leader[:, -2].min() < 0.2 and with_leader[:, -1].max() > 0.1, "never closed in: the test shows nothing"
+
+    empty_road, _ = rollout(True, traffic_density=0.0)
+    np.testing.assert_array_equal(empty_road[:, -2:], np.tile([1.0, 0.0], (len(empty_road), 1)))
+    with pytest.raises(ValueError, match="env.observe_leader must be true or false"):
+        EnvConfig(observe_leader="yes")
 
 
 def test_restoring_a_state_replays_bit_identically():

@@ -358,3 +358,14 @@ def test_cuda_graph_is_refused_on_a_cpu_and_with_compile():
         fit_on(TD3(vector_size=VECTOR, hidden_sizes=(32,), cuda_graph=True), fixed_batch())
     with pytest.raises(ConfigError, match="model.cuda_graph must be false when model.compile is true"):
         TD3(vector_size=VECTOR, cuda_graph=True, compile=True)
+
+
+def test_a_vector_size_other_than_the_envs_is_refused_before_any_env_runs():
+    from datamodules.replay import ReplayDataModule
+    from lightning_td3.envs import EnvConfig
+
+    data = ReplayDataModule(env=EnvConfig(num_waypoints=5, observe_leader=True), eval_episodes=1)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ConfigError, match=r"vector_size is 14 but data.env gives vectors of 16 .*observe_leader=True"
+                                          r".*set vector_size: 16"):
+        trainer.validate(TD3(vector_size=14, hidden_sizes=(16,)), datamodule=data)

@@ -157,6 +157,9 @@ class EnvConfig:
         goal_radius_m: closer than this to the end of the route counts as goal reached.
         image_size: camera image side in pixels (only 84 is supported: the NatureCNN expects it).
         pixels_per_meter: zoom of the highway top view camera.
+        observe_leader: append to the vector the gap to the vehicle ahead in the ego's lane and the speed at which
+            the ego closes on it, as a forward radar would give them (off: the agent sees other vehicles only in
+            the frames).
         reward: weights of the reward terms.
         carla: server connection and world settings, used by the carla backend.
     """
@@ -178,6 +181,7 @@ class EnvConfig:
     goal_radius_m: float = 3.0
     image_size: int = IMAGE_SIZE
     pixels_per_meter: float = 1.75
+    observe_leader: bool = False
     reward: RewardConfig = field(default_factory=RewardConfig)
     carla: CarlaConfig = field(default_factory=CarlaConfig)
 
@@ -220,8 +224,10 @@ class EnvConfig:
             self.image_size,
         )
         require(self.pixels_per_meter > 0, "env.pixels_per_meter", "> 0", self.pixels_per_meter)
+        require(isinstance(self.observe_leader, bool), "env.observe_leader", "true or false", self.observe_leader)
 
     @property
     def vector_size(self) -> int:
-        """speed, distance to goal, heading error, lateral offset, then (x, y) per waypoint."""
-        return 4 + 2 * self.num_waypoints
+        """speed, distance to goal, heading error, lateral offset, (x, y) per waypoint, then the leader's gap and
+        closing speed if observed."""
+        return 4 + 2 * self.num_waypoints + (2 if self.observe_leader else 0)

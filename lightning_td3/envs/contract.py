@@ -29,6 +29,8 @@ from lightning_td3.envs.reward import RewardTerms, compute_reward
 SPEED_SCALE_MPS = 30.0
 LATERAL_SCALE_M = 3.5
 WAYPOINT_SCALE_M = 50.0
+# The observed leader's gap is capped here, a forward radar's reach; no leader reads as one this far away.
+LEADER_RANGE_M = 100.0
 # Hard bound of the vector observation space; values are clipped into it.
 VECTOR_BOUND = 5.0
 
@@ -151,8 +153,8 @@ class DrivingEnv(gym.Env):
         self._last_action = np.zeros(2, np.float32)
         self._return = 0.0
         self._distance_m = 0.0
-        self._last_measurement = self.backend.measure()
-        return self._observation(self._last_measurement), self._info(self._last_measurement, None, None)
+        measurement = self._last_measurement = self.backend.measure()
+        return self._observation(measurement, self._leader()), self._info(measurement, None, None)
 
     def step(self, action):
         action = np.asarray(action, dtype=np.float32).reshape(2)
@@ -166,6 +168,7 @@ class DrivingEnv(gym.Env):
         self._stack = np.roll(self._stack, -1, axis=0)
         self._stack[-1] = self.backend.frame()
 
+        leader = self._leader()
         reason = self._termination_reason(measurement)
         terminated = reason in TERMINAL_REASONS
         truncated = reason == "time_out"
@@ -180,14 +183,14 @@ class DrivingEnv(gym.Env):
             heading_error_rad=measurement.heading_error_rad,
             action_change=action - self._last_action,
             crashed=reason in CRASHES,
-            gap_ahead_m=self._gap_ahead_m() if self.config.reward.headway else None,
+            gap_ahead_m=None if leader is None else leader.gap_m,
         )
         self._last_action = action
         self._last_measurement = measurement
         self._return += terms.total
         self._distance_m += measurement.speed_mps * self.backend.dt
         info = self._info(measurement, reason, terms)
-        return self._observation(measurement), terms.total, terminated, truncated, info
+        return self._observation(measurement, leader), terms.total, terminated, truncated, info
 
     def render(self):
         if self.render_mode == "rgb_array":
@@ -229,9 +232,11 @@ class DrivingEnv(gym.Env):
         self._distance_m = state["distance_m"]
         self.np_random.bit_generator.state = state["np_random"]
 
-    def _gap_ahead_m(self) -> float | None:
-        leader = self.backend.scene().leaders.get(0)
-        return None if leader is None else leader.gap_m
+    def _leader(self) -> Neighbour | None:
+        """The vehicle ahead in the ego's lane; the scene is read only when the reward or the observation uses it."""
+        if not (self.config.reward.headway or self.config.observe_leader):
+            return None
+        return self.backend.scene().leaders.get(0)
 
     def _termination_reason(self, m: Measurement) -> str | None:
         if m.collision:
@@ -244,13 +249,18 @@ class DrivingEnv(gym.Env):
             return "time_out"
         return None
 
-    def _observation(self, m: Measurement) -> dict[str, np.ndarray]:
+    def _observation(self, m: Measurement, leader: Neighbour | None) -> dict[str, np.ndarray]:
         vector = np.empty(self.config.vector_size, np.float32)
         vector[0] = m.speed_mps / SPEED_SCALE_MPS
         vector[1] = max(m.route_length_m - m.progress_m, 0.0) / m.route_length_m
         vector[2] = m.heading_error_rad / math.pi
         vector[3] = m.lateral_offset_m / LATERAL_SCALE_M
-        vector[4:] = (m.waypoints_ego / WAYPOINT_SCALE_M).reshape(-1)
+        waypoints_end = 4 + m.waypoints_ego.size
+        vector[4:waypoints_end] = (m.waypoints_ego / WAYPOINT_SCALE_M).reshape(-1)
+        if self.config.observe_leader:
+            in_range = leader is not None and leader.gap_m < LEADER_RANGE_M
+            vector[waypoints_end] = min(leader.gap_m, LEADER_RANGE_M) / LEADER_RANGE_M if in_range else 1.0
+            vector[waypoints_end + 1] = (m.speed_mps - leader.speed_mps) / SPEED_SCALE_MPS if in_range else 0.0
         np.clip(vector, -VECTOR_BOUND, VECTOR_BOUND, out=vector)
         return {"image": self._stack.copy(), "vector": vector}
 
