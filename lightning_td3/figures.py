@@ -100,7 +100,7 @@ def plot_learning_curve(run_dirs: Sequence[Path], out: Path) -> dict[str, dict[s
     figure, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(11, 4), constrained_layout=True)
     for axis, (metric, label) in zip(axes, CURVE_METRICS.items()):
         steps, values = curves[metric]
-        axis.plot(steps, values, marker="o", color="tab:blue", label="TD3 (pixels)")
+        axis.plot(steps, values, marker="o", color="tab:blue", label="TD3")
         for (name, metrics), style in zip(baselines.items(), ("--", ":")):
             # A plotted line (unlike axhline) widens the y range, so a baseline above the curve stays in view.
             axis.plot(steps[[0, -1]], [metrics[metric]] * 2, linestyle=style, color="gray", label=name)

@@ -32,6 +32,7 @@ SHIPPED_AGENTS = {
     "cpu_scenario1_curvy_long": ("h100", {}),  # h100.yaml with cpu_scenario1_curvy_long.yaml over it: the same env
     "cpu_scenario1_curvy_headway": ("h100", {}),  # the same env; its headway term changes the reward alone
     "cpu_scenario1_curvy_drq": ("h100", {}),  # the same env and reward as the headway agent's
+    "cpu_scenario1_curvy_radar": ("h100", {"observe_leader": True}),  # the car ahead in its vector too
     "h100_scenario2": ("h100", {"scenario": 2, "layout": "straight"}),
 }
 
