@@ -45,7 +45,7 @@ from lightning_td3.envs.carla_road import (
     to_ego_frame,
 )
 from lightning_td3.envs.config import CarlaConfig, EnvConfig
-from lightning_td3.envs.contract import Measurement, Scene, VehicleLimits
+from lightning_td3.envs.contract import LEADER_RANGE_M, Measurement, Scene, VehicleLimits
 from lightning_td3.errors import UserError
 
 FIXED_DELTA_SECONDS = 0.05
@@ -77,8 +77,9 @@ EGO_CLEARANCE_M = 10.0
 # Per step the ego moves < 3 m; the projection window keeps progress from jumping where a route nears itself.
 PROJECTION_BEHIND_M = 10.0
 PROJECTION_AHEAD_M = 30.0
-# Range of scene(): lanes and neighbours this far ahead of / behind the ego.
-SCENE_AHEAD_M = 80.0
+# Range of scene(): lanes and neighbours this far ahead of / behind the ego; ahead, as far as `env.observe_leader`
+# reads the car ahead on every backend (highway-env's search has no limit).
+SCENE_AHEAD_M = LEADER_RANGE_M
 SCENE_BEHIND_M = 40.0
 # Markings that must not be crossed: crossing one means leaving the road or entering the oncoming lanes.
 ROAD_EDGE_MARKINGS = frozenset(

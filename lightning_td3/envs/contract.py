@@ -258,9 +258,10 @@ class DrivingEnv(gym.Env):
         waypoints_end = 4 + m.waypoints_ego.size
         vector[4:waypoints_end] = (m.waypoints_ego / WAYPOINT_SCALE_M).reshape(-1)
         if self.config.observe_leader:
-            in_range = leader is not None and leader.gap_m < LEADER_RANGE_M
-            vector[waypoints_end] = min(leader.gap_m, LEADER_RANGE_M) / LEADER_RANGE_M if in_range else 1.0
-            vector[waypoints_end + 1] = (m.speed_mps - leader.speed_mps) / SPEED_SCALE_MPS if in_range else 0.0
+            gap, closing = 1.0, 0.0  # nothing ahead within range reads as a car at the range, not closing
+            if leader is not None and leader.gap_m < LEADER_RANGE_M:
+                gap, closing = leader.gap_m / LEADER_RANGE_M, (m.speed_mps - leader.speed_mps) / SPEED_SCALE_MPS
+            vector[waypoints_end:] = gap, closing
         np.clip(vector, -VECTOR_BOUND, VECTOR_BOUND, out=vector)
         return {"image": self._stack.copy(), "vector": vector}
 
