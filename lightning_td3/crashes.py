@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     from lightning_td3.td3 import TD3
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="the run's config (its data.env is used)")
+    parser.add_argument("--config", type=Path, required=True, action="append",
+        help="the run's config (its data.env is used); repeat it to layer configs as cli.py does")
     parser.add_argument("--ckpt", type=Path, required=True, help="a training checkpoint or an exported actor")
     parser.add_argument("--seed", type=int, required=True, help="the first evaluation seed")
     parser.add_argument("--episodes", type=int, default=100)
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         if (args.critic or args.replay) and agent.actor_only:
             raise UserError(f"{args.ckpt} is an exported actor, without the critics that --critic and --replay "
                             "read: give the training checkpoint it was exported from")
-        env_config = env_config_of(args.config)
+        env_config = env_config_of(*args.config)
+        agent.require_env(env_config)
         # A crash's transition carries the crash charge; every other step's penalties sum to a few points at most.
         crash_reward = -env_config.reward.crash_penalty * env_config.reward.safety / 2
         replayed = replayed_crashes(read_shard(args.replay), agent.value, crash_reward) if args.replay else None

@@ -142,15 +142,19 @@ def _caption(info: dict) -> str:
             f"route {100 * info['route_completion']:3.0f} %{outcome}")
 
 
-def record_episode(config_path: Path, checkpoint: Path, seed: int, out: Path) -> dict:
-    """Drive one evaluation episode with the checkpoint's actor and write it as a GIF; return its result."""
+def record_episode(config_paths: Sequence[Path], checkpoint: Path, seed: int, out: Path) -> dict:
+    """Drive one evaluation episode with the checkpoint's actor and write it as a GIF; return its result.
+
+    `config_paths`: the run's config, or the configs it was layered from, in order."""
     from PIL import Image
 
     from lightning_td3.td3 import TD3
 
     agent = TD3.load_from_checkpoint(checkpoint, map_location="cpu")
     agent.eval()
-    env = DrivingEnv(env_config_of(config_path), render_mode="rgb_array")
+    env_config = env_config_of(*config_paths)
+    agent.require_env(env_config)
+    env = DrivingEnv(env_config, render_mode="rgb_array")
     frames = []
     try:
         result = run_episode(
@@ -175,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     curve.add_argument("--out", type=Path, required=True)
     episode = commands.add_parser("episode", help="GIF of one evaluation episode")
-    episode.add_argument("--config", type=Path, required=True, help="the run's config (its data.env is used)")
+    episode.add_argument("--config", type=Path, required=True, action="append",
+        help="the run's config (its data.env is used); repeat it to layer configs as cli.py does")
     episode.add_argument("--ckpt", type=Path, required=True, help="a training checkpoint or an exported actor")
     episode.add_argument("--seed", type=int, required=True)
     episode.add_argument("--out", type=Path, required=True)

@@ -24,7 +24,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from lightning_td3.checkpointing import arrays_to_tensors, save_last_checkpoint, tensors_to_arrays
 from lightning_td3.cuda_graph import GraphedUpdate
 from lightning_td3.driving_module import DrivingModule
-from lightning_td3.envs import DrivingEnv
+from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.errors import CheckpointError, ConfigError, TrainingAborted, require
 from lightning_td3.evaluation import EvaluationMetrics, Policy
 from lightning_td3.export import ACTOR_ONLY_KEY
@@ -187,15 +187,20 @@ class TD3(DrivingModule):
         # The Collector's training episodes finished since they were last logged.
         self.train_episode_metrics = EvaluationMetrics(prefix="train/")
 
-    def setup(self, stage: str) -> None:
-        data = getattr(self.trainer, "datamodule", None)
-        env = getattr(data, "env", None)
-        if env is not None and env.vector_size != self.hparams.vector_size:
+    def require_env(self, env: EnvConfig) -> None:
+        """Refuse an env whose vector these networks cannot read, before any episode runs."""
+        if env.vector_size != self.hparams.vector_size:
             raise ConfigError(
                 f"model.init_args.vector_size is {self.hparams.vector_size} but data.env gives vectors of "
                 f"{env.vector_size} (4 + 2 x num_waypoints={env.num_waypoints}, + 2 with observe_leader="
-                f"{env.observe_leader}); set vector_size: {env.vector_size}"
+                f"{env.observe_leader}); set vector_size: {env.vector_size}, or give the env it was trained on"
             )
+
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None)
+        env = getattr(data, "env", None)
+        if env is not None:
+            self.require_env(env)
         if isinstance(self.trainer.strategy, DDPStrategy):
             _let_ddp_find_unused_parameters(self.trainer.strategy)
         if self.hparams.cuda_graph and stage == "fit":

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_td3 import crashes
+import cli
+from lightning_td3 import crashes, figures
 from lightning_td3.errors import ConfigError
 from lightning_td3.run_config import env_config_of
 
@@ -21,7 +22,8 @@ def test_the_env_of_an_experiment_config_is_the_one_it_trains_on():
     "text, message",
     [
         (None, "cannot read its data section .*FileNotFoundError"),
-        ("trainer:\n  max_epochs: 1\n", "cannot read its data section .*KeyError"),
+        ("trainer:\n  max_epochs: 1\n", "cannot read its data section .there is none"),
+        ("data: 3\n", "its data section is not a mapping of settings; got 3"),
         ("data: [unclosed\n", "cannot read its data section .*Error"),
         ("data:\n  num_envs: 1\n", "cannot read data.env from it .*KeyError"),
         ("data:\n  env:\n    scenario: 7\n", "env.scenario must be one of 0, 1, 2"),
@@ -36,6 +38,19 @@ def test_a_config_without_a_usable_env_is_refused_naming_the_file_or_the_setting
         env_config_of(config)
 
 
+def test_layered_configs_give_the_env_the_cli_would_build_from_them():
+    layers = [ROOT / "configs/experiments" / f"{name}.yaml" for name in ("h100", "cpu_scenario1_curvy_headway",
+                                                                         "cpu_scenario1_curvy_drq",
+                                                                         "cpu_scenario1_curvy_radar")]
+    env = env_config_of(*layers)
+    # h100.yaml's task and reward, the headway weight from the second file, observe_leader from the last; the third
+    # has no data section
+    assert (env.scenario, env.layout, env.route_length_m) == (1, "curvy", 300.0)
+    assert env.reward.progress_up_to_target_speed and env.reward.headway == 1.0 and env.observe_leader
+    assert env == cli.main([f"--config={layer}" for layer in layers], run=False).datamodule.env
+    assert not env_config_of(*layers[:3]).observe_leader
+
+
 def test_the_crash_report_answers_a_bad_config_with_one_line(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("data:\n  env:\n    layout: spiral\n")
@@ -43,3 +58,21 @@ def test_the_crash_report_answers_a_bad_config_with_one_line(tmp_path):
     with pytest.raises(SystemExit) as stop:
         crashes.main(args)
     assert str(stop.value).startswith("error: env.layout must be one of") and "\n" not in str(stop.value)
+
+
+def test_the_tools_take_layered_configs_and_refuse_an_env_the_agent_cannot_read(tmp_path, capsys):
+    agent = str(ROOT / "agents/td3_cpu_scenario1_curvy_radar.ckpt")  # its vector has the car ahead: 56 entries
+    base, radar = (str(ROOT / "configs/experiments" / f"{name}.yaml") for name in ("h100", "cpu_scenario1_curvy_radar"))
+    gif = tmp_path / "episode.gif"
+    for tool, args in (
+        (crashes.main, ["--config", base, "--ckpt", agent, "--seed", "50000", "--episodes", "1"]),
+        (figures.main, ["episode", "--config", base, "--ckpt", agent, "--seed", "50000", "--out", str(gif)]),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            tool(args)
+        message = str(stop.value)
+        assert message.startswith("error: model.init_args.vector_size is 56 but data.env gives vectors of 54")
+        assert "observe_leader=False" in message and "\n" not in message
+    assert not gif.exists()
+    crashes.main(["--config", base, "--config", radar, "--ckpt", agent, "--seed", "50000", "--episodes", "1"])
+    assert capsys.readouterr().out.startswith("collisions: 0 of 1 episodes")

@@ -189,7 +189,7 @@ def test_the_curve_of_a_resumed_run_continues_across_its_log_directories(tmp_pat
 def test_episode_gif_has_one_frame_per_observation(trained, tmp_path):
     run_dir, exported = trained
     gif = tmp_path / "episode.gif"
-    result = record_episode(run_dir / "tiny.yaml", exported, seed=5, out=gif)
+    result = record_episode([run_dir / "tiny.yaml"], exported, seed=5, out=gif)
     image = Image.open(gif)
     assert image.n_frames == result["frames"] == result["episode_length"] + 1
     first = np.asarray(image.convert("L"))
