@@ -18,7 +18,6 @@ def data_section(*config_paths: Path) -> dict:
     """The `data` section of a run config, or of several layered in order as `cli.py --config A --config B` layers
     them (a later file's settings win; a file without a `data` section adds nothing to it)."""
     data: dict = {}
-    found = False
     for config_path in config_paths:
         try:
             section = yaml.safe_load(config_path.read_text()).get("data", {})
@@ -26,9 +25,8 @@ def data_section(*config_paths: Path) -> dict:
             raise ConfigError(f"{config_path}: cannot read its data section ({why!r})") from why
         if not isinstance(section, dict):
             raise ConfigError(f"{config_path}: its data section is not a mapping of settings; got {section!r}")
-        found = found or bool(section)
         data = _layered(data, section)
-    if not found:
+    if not data:
         raise ConfigError(f"{', '.join(map(str, config_paths))}: cannot read its data section (there is none)")
     return data
 

@@ -25,6 +25,7 @@ from lightning_td3.checkpointing import arrays_to_tensors, save_last_checkpoint,
 from lightning_td3.cuda_graph import GraphedUpdate
 from lightning_td3.driving_module import DrivingModule
 from lightning_td3.envs import DrivingEnv, EnvConfig
+from lightning_td3.envs.config import IMAGE_SIZE
 from lightning_td3.errors import CheckpointError, ConfigError, TrainingAborted, require
 from lightning_td3.evaluation import EvaluationMetrics, Policy
 from lightning_td3.export import ACTOR_ONLY_KEY
@@ -149,8 +150,8 @@ class TD3(DrivingModule):
             "model.max_nonfinite_updates", "an integer >= 1", max_nonfinite_updates,
         )
         require(
-            isinstance(image_shift, int) and 0 <= image_shift < 42, "model.image_shift", "an integer in 0..41 (pixels)",
-            image_shift,
+            isinstance(image_shift, int) and 0 <= image_shift < IMAGE_SIZE // 2, "model.image_shift",
+            f"an integer in 0..{IMAGE_SIZE // 2 - 1} (pixels)", image_shift,
         )
         # torch.compile brings its own CUDA graphs (mode="reduce-overhead"); the two do not nest.
         require(not (cuda_graph and compile), "model.cuda_graph", "false when model.compile is true", cuda_graph)
