@@ -186,7 +186,13 @@ def main(argv: list[str] | None = None) -> None:
         agent.require_env(env_config)
         # A crash's transition carries the crash charge; every other step's penalties sum to a few points at most.
         crash_reward = -env_config.reward.crash_penalty * env_config.reward.safety / 2
-        replayed = replayed_crashes(read_shard(args.replay), agent.value, crash_reward) if args.replay else None
+        replayed = None
+        if args.replay:
+            replay = read_shard(args.replay)
+            if replay.vector_size != agent.hparams.vector_size:
+                raise UserError(f"replay file {args.replay} holds vectors of {replay.vector_size} but {args.ckpt} "
+                                f"reads vectors of {agent.hparams.vector_size}: give a replay file of its own run")
+            replayed = replayed_crashes(replay, agent.value, crash_reward)
         policy = agent.policy()
         report = crashes(env_config, policy, range(args.seed, args.seed + args.episodes),
                          policy.value if args.critic else None, agent.hparams.gamma)

@@ -25,7 +25,7 @@ from lightning_td3.baselines import IdmMobilPolicy, RandomPolicy
 from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.errors import UserError
 from lightning_td3.evaluation import evaluate, run_episode
-from lightning_td3.run_config import data_section, env_config_of
+from lightning_td3.run_config import data_section, env_config_in, env_config_of
 
 CURVE_METRICS = {"eval/success_rate": "success rate", "eval/episode_return": "episode return"}
 BASELINES = {"Random": RandomPolicy, "IDM+MOBIL": IdmMobilPolicy}
@@ -74,7 +74,7 @@ def run_evaluation_episodes(run_dir: Path) -> tuple[EnvConfig, list[int]]:
         raise UserError(f"{config_path} is missing: the baselines need the run's config to replay its evaluation")
     data = data_section(config_path)
     seeds = list(range(data["eval_seed"], data["eval_seed"] + data["eval_episodes"]))
-    return env_config_of(config_path), seeds
+    return env_config_in(data, str(config_path)), seeds
 
 
 def plot_learning_curve(run_dirs: Sequence[Path], out: Path) -> dict[str, dict[str, float]]:

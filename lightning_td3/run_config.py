@@ -42,9 +42,12 @@ def _layered(below: dict, above: dict) -> dict:
 def env_config_of(*config_paths: Path, **overrides) -> EnvConfig:
     """The `data.env` of a run config (or of layered ones), with `overrides` (env settings) over it as `--data.env.*`
     options would be."""
-    data = data_section(*config_paths)
+    return env_config_in(data_section(*config_paths), ", ".join(map(str, config_paths)), **overrides)
+
+
+def env_config_in(data: dict, source: str, **overrides) -> EnvConfig:
+    """The env of a `data` section already read (by `data_section`) from `source`, with `overrides` over it."""
     try:
         return EnvConfig(**{**data["env"], **overrides})
     except (KeyError, TypeError) as why:
-        names = ", ".join(map(str, config_paths))
-        raise ConfigError(f"{names}: cannot read data.env from it ({why!r})") from why
+        raise ConfigError(f"{source}: cannot read data.env from it ({why!r})") from why

@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 import cli
+from lightning_td3 import crashes
 from lightning_td3.baselines import RandomPolicy
 from lightning_td3.errors import CheckpointError, UserError
 from lightning_td3.evaluation import evaluate
@@ -19,6 +20,8 @@ from lightning_td3.figures import (
     plot_learning_curve,
     record_episode,
 )
+from lightning_td3.replay import ReplayBuffer
+from lightning_td3.replay_file import save_shard
 from lightning_td3.run_config import env_config_of
 from lightning_td3.td3 import TD3
 from tests.tiny_run import fit
@@ -114,6 +117,25 @@ def test_a_checkpoint_of_another_shape_names_the_parameter_and_the_settings(trai
     torch.save(stripped, unlabelled)
     with pytest.raises(CheckpointError, match=r"shape \(16, 526\), this model \(24, 526\).*'hidden_sizes': \[16\]"):
         cli.main(["validate", "--config", str(other), "--ckpt_path", str(unlabelled)])
+
+
+def test_crashes_reads_the_critics_on_its_runs_replay_and_refuses_a_replay_of_another_vector_size(trained, tmp_path,
+                                                                                                  capsys):
+    run_dir, _ = trained
+    arguments = ["--config", str(run_dir / "tiny.yaml"), "--ckpt", str(run_dir / "checkpoints" / "last.ckpt"),
+                 "--seed", "3", "--episodes", "1"]
+    (own_replay,) = (run_dir / "checkpoints" / "replay").glob("*.bin")
+    crashes.main([*arguments, "--replay", str(own_replay)])
+    assert f"replay {own_replay}: " in capsys.readouterr().out
+    other_run = ReplayBuffer(capacity=20, num_envs=1, vector_size=3)  # empty: only its vector size matters here
+    other_replay = tmp_path / "other-run.bin"
+    save_shard(other_replay, other_run, "other", 0, 1, {})
+    written = other_replay.read_bytes()
+    with pytest.raises(SystemExit) as stopped:
+        crashes.main([*arguments, "--replay", str(other_replay)])
+    message = str(stopped.value.code)
+    assert message.startswith(f"error: replay file {other_replay} holds vectors of 3 but ") and "of 14" in message
+    assert "\n" not in message and other_replay.read_bytes() == written
 
 
 def test_export_refuses_a_file_that_is_not_a_td3_checkpoint(tmp_path):
