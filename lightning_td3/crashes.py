@@ -34,7 +34,7 @@ from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.errors import UserError
 from lightning_td3.evaluation import Policy, run_episode
 from lightning_td3.replay import ReplayBuffer
-from lightning_td3.replay_file import read_shard
+from lightning_td3.replay_file import read_shard, shard_config
 from lightning_td3.run_config import env_config_of
 
 BEFORE_S = 1.0  # how long before the collision the scene is read: the car ahead is still apart from the ego then
@@ -188,11 +188,12 @@ def main(argv: list[str] | None = None) -> None:
         crash_reward = -env_config.reward.crash_penalty * env_config.reward.safety / 2
         replayed = None
         if args.replay:
-            replay = read_shard(args.replay)
-            if replay.vector_size != agent.hparams.vector_size:
-                raise UserError(f"replay file {args.replay} holds vectors of {replay.vector_size} but {args.ckpt} "
+            # From the header: a file of another run is refused before its gigabytes are read and checksummed.
+            replay_vector_size = shard_config(args.replay)["vector_size"]
+            if replay_vector_size != agent.hparams.vector_size:
+                raise UserError(f"replay file {args.replay} holds vectors of {replay_vector_size} but {args.ckpt} "
                                 f"reads vectors of {agent.hparams.vector_size}: give a replay file of its own run")
-            replayed = replayed_crashes(replay, agent.value, crash_reward)
+            replayed = replayed_crashes(read_shard(args.replay), agent.value, crash_reward)
         policy = agent.policy()
         report = crashes(env_config, policy, range(args.seed, args.seed + args.episodes),
                          policy.value if args.critic else None, agent.hparams.gamma)

@@ -16,6 +16,7 @@ import json
 import re
 import struct
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -123,41 +124,64 @@ def _fill(buffer: ReplayBuffer, path: Path, header: dict, payload_offset: int) -
         raise CheckpointError(f"replay file {path} does not fit this run: {why}") from None
 
 
+def shard_config(path: Path) -> dict:
+    """The buffer config of the shard at `path` (capacity, vector size, ...), from its header alone: the file's size
+    is checked against the header, its checksum is not read (a caller can refuse a file of the wrong shape without
+    reading gigabytes; `read_shard` and `load_shard` check everything)."""
+    with _opened(path) as file:
+        header, *_ = _sized_header(file, path)
+    return _buffer_config(header)
+
+
 def _checked_header(path: Path) -> tuple[dict, int]:
     """The header of a complete, undamaged shard file, and where its arrays start."""
+    with _opened(path) as file:
+        header, header_bytes, payload_offset, payload = _sized_header(file, path)
+        crc = zlib.crc32(header_bytes, zlib.crc32(MAGIC + _LENGTH.pack(len(header_bytes))))
+        remaining = payload
+        while remaining:
+            chunk = file.read(min(CHUNK_BYTES, remaining))
+            crc = zlib.crc32(chunk, crc)
+            remaining -= len(chunk)
+        (saved_crc,) = _CRC.unpack(file.read(_CRC.size))
+        if file.read() != END or saved_crc != crc:
+            raise CheckpointError(f"replay file {path} is damaged: its checksum does not match its contents")
+    return header, payload_offset
+
+
+@contextmanager
+def _opened(path: Path):
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as file:
-            magic = file.read(len(MAGIC))
-            if magic != MAGIC:
-                raise CheckpointError(f"replay file {path} is not a lightning_td3 replay file (bad magic bytes)")
-            (header_length,) = _LENGTH.unpack(_read_exactly(file, _LENGTH.size, path))
-            if header_length > size:
-                raise CheckpointError(f"replay file {path} is damaged: header length {header_length} > file size")
-            header_bytes = _read_exactly(file, header_length, path)
-            try:
-                header = json.loads(header_bytes)
-                payload = sum(np.dtype(a["dtype"]).itemsize * int(np.prod(a["shape"])) for a in header["arrays"])
-            except (ValueError, KeyError, TypeError) as why:
-                raise CheckpointError(f"replay file {path} is damaged: unreadable header ({why})") from None
-            payload_offset = len(MAGIC) + _LENGTH.size + header_length
-            expected_size = payload_offset + payload + _CRC.size + len(END)
-            if size != expected_size:
-                raise CheckpointError(
-                    f"replay file {path} is truncated or damaged: {size} bytes, its header promises {expected_size}"
-                )
-            crc = zlib.crc32(header_bytes, zlib.crc32(MAGIC + _LENGTH.pack(header_length)))
-            remaining = payload
-            while remaining:
-                chunk = file.read(min(CHUNK_BYTES, remaining))
-                crc = zlib.crc32(chunk, crc)
-                remaining -= len(chunk)
-            (saved_crc,) = _CRC.unpack(file.read(_CRC.size))
-            if file.read() != END or saved_crc != crc:
-                raise CheckpointError(f"replay file {path} is damaged: its checksum does not match its contents")
+        file = open(path, "rb")
     except FileNotFoundError:
         raise CheckpointError(f"replay file {path} is missing") from None
-    return header, payload_offset
+    with file:
+        yield file
+
+
+def _sized_header(file, path: Path) -> tuple[dict, bytes, int, int]:
+    """Read the header from the open shard `file`, leaving it at the arrays: the header, its bytes, where the arrays
+    start and their length. The file's size must be the one the header promises."""
+    size = path.stat().st_size
+    if file.read(len(MAGIC)) != MAGIC:
+        raise CheckpointError(f"replay file {path} is not a lightning_td3 replay file (bad magic bytes)")
+    (header_length,) = _LENGTH.unpack(_read_exactly(file, _LENGTH.size, path))
+    if header_length > size:
+        raise CheckpointError(f"replay file {path} is damaged: header length {header_length} > file size")
+    header_bytes = _read_exactly(file, header_length, path)
+    try:
+        header = json.loads(header_bytes)
+        payload = sum(np.dtype(a["dtype"]).itemsize * int(np.prod(a["shape"])) for a in header["arrays"])
+        _buffer_config(header)
+    except (ValueError, KeyError, TypeError) as why:
+        raise CheckpointError(f"replay file {path} is damaged: unreadable header ({why})") from None
+    payload_offset = len(MAGIC) + _LENGTH.size + header_length
+    expected_size = payload_offset + payload + _CRC.size + len(END)
+    if size != expected_size:
+        raise CheckpointError(
+            f"replay file {path} is truncated or damaged: {size} bytes, its header promises {expected_size}"
+        )
+    return header, header_bytes, payload_offset, payload
 
 
 def _read_exactly(file, count: int, path: Path) -> bytes:

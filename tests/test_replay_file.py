@@ -7,7 +7,14 @@ import pytest
 
 from lightning_td3.errors import CheckpointError
 from lightning_td3.replay import ReplayBuffer
-from lightning_td3.replay_file import load_shard, read_shard, save_shard, shard_name, shards_of_rank
+from lightning_td3.replay_file import (
+    load_shard,
+    read_shard,
+    save_shard,
+    shard_config,
+    shard_name,
+    shards_of_rank,
+)
 from tests.test_replay import VECTOR_SIZE, collect, fill
 
 KEY = "20261126-120000-000-00001"
@@ -59,6 +66,20 @@ def test_a_shard_is_read_into_a_buffer_of_its_own_shape_whichever_rank_wrote_it(
     damage_flip_a_payload_bit(path)
     with pytest.raises(CheckpointError, match="damaged"):
         read_shard(path)
+
+
+def test_a_shards_config_comes_from_its_header_alone_its_size_checked_not_its_checksum(shard):
+    path, original = shard
+    assert shard_config(path) == read_shard(path).state_dict()["config"]
+    assert shard_config(path)["vector_size"] == VECTOR_SIZE
+    # A flipped payload bit is for the full read to find; the header still tells the shape of the file.
+    damage_flip_a_payload_bit(path)
+    assert shard_config(path)["vector_size"] == VECTOR_SIZE
+    damage_truncate(path)
+    with pytest.raises(CheckpointError, match="truncated"):
+        shard_config(path)
+    with pytest.raises(CheckpointError, match="missing"):
+        shard_config(path.with_name("absent.bin"))
 
 
 def test_an_empty_buffer_round_trips(tmp_path):

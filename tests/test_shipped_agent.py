@@ -21,7 +21,7 @@ from lightning_td3.figures import (
     record_episode,
 )
 from lightning_td3.replay import ReplayBuffer
-from lightning_td3.replay_file import save_shard
+from lightning_td3.replay_file import END, save_shard
 from lightning_td3.run_config import env_config_of
 from lightning_td3.td3 import TD3
 from tests.tiny_run import fit
@@ -130,7 +130,11 @@ def test_crashes_reads_the_critics_on_its_runs_replay_and_refuses_a_replay_of_an
     other_run = ReplayBuffer(capacity=20, num_envs=1, vector_size=3)  # empty: only its vector size matters here
     other_replay = tmp_path / "other-run.bin"
     save_shard(other_replay, other_run, "other", 0, 1, {})
-    written = other_replay.read_bytes()
+    # Its checksum spoiled: the refusal comes from the header, before the file is read through.
+    written = bytearray(other_replay.read_bytes())
+    written[-len(END) - 1] ^= 0x01
+    written = bytes(written)
+    other_replay.write_bytes(written)
     with pytest.raises(SystemExit) as stopped:
         crashes.main([*arguments, "--replay", str(other_replay)])
     message = str(stopped.value.code)
