@@ -41,6 +41,7 @@ def export_actor(checkpoint_path: Path, out_path: Path, dtype: torch.dtype = tor
         ACTOR_ONLY_KEY: {
             "hyper_parameters": dict(hyper_parameters),
             "env_steps": checkpoint.get("td3_progress", {}).get("env_steps", 0),
+            "camera": checkpoint.get("td3_progress", {}).get("camera"),
             "source": Path(checkpoint_path).name,
             "dtype": str(dtype).removeprefix("torch."),
         },

@@ -185,22 +185,32 @@ class TD3(DrivingModule):
         self.run_episodes = 0
         # Loaded from an exported actor: the critics are as built, untrained, and have nothing to say.
         self.actor_only = False
+        # The env's `camera` the networks learned from: set by fit, kept in checkpoints and exports (None: unknown,
+        # e.g. a checkpoint written before it was kept).
+        self.trained_camera: dict | None = None
         # The Collector's training episodes finished since they were last logged.
         self.train_episode_metrics = EvaluationMetrics(prefix="train/")
 
     def require_env(self, env: EnvConfig) -> None:
-        """Refuse an env whose vector these networks cannot read, before any episode runs."""
+        """Refuse an env whose vector these networks cannot read, or whose frames they did not learn from, before
+        any episode runs."""
         if env.vector_size != self.hparams.vector_size:
             raise ConfigError(
                 f"model.init_args.vector_size is {self.hparams.vector_size} but data.env gives vectors of "
                 f"{env.vector_size} (4 + 2 x num_waypoints={env.num_waypoints}, + 2 with observe_leader="
                 f"{env.observe_leader}); set vector_size: {env.vector_size}, or give the env it was trained on"
             )
+        if self.trained_camera is not None and env.camera != self.trained_camera:
+            raise ConfigError(
+                f"the agent learned from frames of {self.trained_camera} but data.env gives frames of {env.camera}: "
+                "give the env it was trained on (its run's config)"
+            )
 
     def setup(self, stage: str) -> None:
-        data = getattr(self.trainer, "datamodule", None)
-        env = getattr(data, "env", None)
+        env = self._attached_env()
         if env is not None:
+            if stage == "fit":
+                self.trained_camera = env.camera  # a resumed checkpoint's record replaces it and is checked
             self.require_env(env)
         if isinstance(self.trainer.strategy, DDPStrategy):
             _let_ddp_find_unused_parameters(self.trainer.strategy)
@@ -324,6 +334,7 @@ class TD3(DrivingModule):
             "per_process": per_process,
             "updates": self.updates,
             "skipped_updates": self.skipped_updates,
+            "camera": self.trained_camera,
             # The same on every process: seeded alike and drawn from alike (the target smoothing noise).
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -344,6 +355,7 @@ class TD3(DrivingModule):
                 "lightning_td3.td3.TD3 (nor by `python -m lightning_td3.export`)"
             )
         self._check_fits(checkpoint["state_dict"], checkpoint.get("hyper_parameters", {}))
+        self._load_trained_camera(progress)
         self.run_env_steps = progress["env_steps"]
         self.run_episodes = progress["episodes"]
         self.updates = progress["updates"]
@@ -371,6 +383,7 @@ class TD3(DrivingModule):
             )
         shipped = checkpoint[ACTOR_ONLY_KEY]
         self._check_fits(checkpoint["state_dict"], shipped["hyper_parameters"], part="actor.")
+        self._load_trained_camera(shipped)
         self.run_env_steps = shipped["env_steps"]  # where its evaluation goes on the env-step axis
         self.actor_only = True
         # The critic stays as built; filling it in keeps Lightning's strict loading, which still guards the actor.
@@ -378,6 +391,19 @@ class TD3(DrivingModule):
         checkpoint["state_dict"] = {
             **own, **{name: value.to(own[name].dtype) for name, value in checkpoint["state_dict"].items()}
         }
+
+    def _load_trained_camera(self, record: dict) -> None:
+        """Take the checkpoint's camera and hold the attached env to it (setup ran before the checkpoint was read;
+        without a trainer, as in `load_from_checkpoint`, the caller's `require_env` does it)."""
+        if record.get("camera") is not None:  # else (an older checkpoint) it stays as setup found it
+            self.trained_camera = record["camera"]
+        env = self._attached_env()
+        if env is not None:
+            self.require_env(env)
+
+    def _attached_env(self) -> EnvConfig | None:
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(data, "env", None)
 
     def _check_fits(self, state_dict: dict[str, torch.Tensor], trained_with: dict, part: str = "") -> None:
         """A clear error instead of PyTorch's size-mismatch wall when the checkpoint was built differently.

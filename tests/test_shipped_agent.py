@@ -119,6 +119,29 @@ def test_a_checkpoint_of_another_shape_names_the_parameter_and_the_settings(trai
         cli.main(["validate", "--config", str(other), "--ckpt_path", str(unlabelled)])
 
 
+def test_the_agent_keeps_the_camera_it_learned_from_and_refuses_frames_of_another(trained, tmp_path):
+    run_dir, exported = trained
+    learned = {"backend": "highway", "pixels_per_meter": 1.75}  # the tiny run's, highway's default
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["td3_progress"]["camera"] == learned
+    assert torch.load(exported, weights_only=True)[ACTOR_ONLY_KEY]["camera"] == learned
+    zoomed_out = ["--data.env.pixels_per_meter", "1.25"]
+    for checkpoint in (exported, run_dir / "checkpoints" / "last.ckpt"):
+        with pytest.raises(UserError, match=r"learned from frames of \{'backend': 'highway', 'pixels_per_meter': 1.75\} "
+                                            r"but data.env gives frames of \{.*'pixels_per_meter': 1.25\}"):
+            cli.main(["validate", "--config", str(run_dir / "tiny.yaml"), *zoomed_out, "--ckpt_path", str(checkpoint)])
+    before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(UserError, match="learned from frames of"):
+        fit(tmp_path / "resumed", *zoomed_out, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"))
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
+    config = yaml.safe_load((run_dir / "tiny.yaml").read_text())
+    config["data"]["env"]["pixels_per_meter"] = 1.25
+    zoomed_config = tmp_path / "zoomed.yaml"
+    zoomed_config.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as stopped:
+        crashes.main(["--config", str(zoomed_config), "--ckpt", str(exported), "--seed", "3", "--episodes", "1"])
+    assert str(stopped.value.code).startswith("error: the agent learned from frames of") and "\n" not in str(stopped.value.code)
+
+
 def test_crashes_reads_the_critics_on_its_runs_replay_and_refuses_a_replay_of_another_vector_size(trained, tmp_path,
                                                                                                   capsys):
     run_dir, _ = trained

@@ -227,6 +227,14 @@ class EnvConfig:
         require(isinstance(self.observe_leader, bool), "env.observe_leader", "true or false", self.observe_leader)
 
     @property
+    def camera(self) -> dict:
+        """What shapes the frames besides their size: an agent reads frames like those it was trained on, so its
+        checkpoint keeps this and refuses an env that differs (a zoomed-out frame shows every car smaller)."""
+        if self.backend == "carla":
+            return {"backend": "carla", "camera_fov_deg": self.carla.camera_fov_deg}
+        return {"backend": self.backend, "pixels_per_meter": self.pixels_per_meter}
+
+    @property
     def vector_size(self) -> int:
         """speed, distance to goal, heading error, lateral offset, (x, y) per waypoint, then the leader's gap and
         closing speed if observed."""
