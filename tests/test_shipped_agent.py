@@ -129,6 +129,13 @@ def test_the_agent_keeps_the_camera_it_learned_from_and_refuses_frames_of_anothe
         with pytest.raises(UserError, match=r"learned from frames of \{'backend': 'highway', 'pixels_per_meter': 1.75\} "
                                             r"but data.env gives frames of \{.*'pixels_per_meter': 1.25\}"):
             cli.main(["validate", "--config", str(run_dir / "tiny.yaml"), *zoomed_out, "--ckpt_path", str(checkpoint)])
+    # An actor exported before the camera was kept (every one under agents/ up to row (j)) is not checked for it.
+    unrecorded = torch.load(exported, weights_only=True)
+    unrecorded[ACTOR_ONLY_KEY]["camera"] = None
+    torch.save(unrecorded, tmp_path / "unrecorded.ckpt")
+    result = cli.main(["validate", "--config", str(run_dir / "tiny.yaml"), *zoomed_out,
+                       "--ckpt_path", str(tmp_path / "unrecorded.ckpt")])
+    assert result.datamodule.env.pixels_per_meter == 1.25 and "eval/success_rate" in result.trainer.callback_metrics
     before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
     with pytest.raises(UserError, match="learned from frames of"):
         fit(tmp_path / "resumed", *zoomed_out, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"))
