@@ -34,14 +34,15 @@ def export_actor(checkpoint_path: Path, out_path: Path, dtype: torch.dtype = tor
     if not weights:
         raise CheckpointError(f"{checkpoint_path} has no '{ACTOR_PREFIX}*' weights: it is not a TD3 checkpoint")
     hyper_parameters = checkpoint.get("hyper_parameters", {})
+    progress = checkpoint.get("td3_progress", {})  # TD3's CHECKPOINT_KEY (td3 imports this module)
     shipped = {
         "pytorch-lightning_version": checkpoint["pytorch-lightning_version"],
         "state_dict": weights,
         "hyper_parameters": hyper_parameters,
         ACTOR_ONLY_KEY: {
             "hyper_parameters": dict(hyper_parameters),
-            "env_steps": checkpoint.get("td3_progress", {}).get("env_steps", 0),
-            "camera": checkpoint.get("td3_progress", {}).get("camera"),
+            "env_steps": progress.get("env_steps", 0),
+            "camera": progress.get("camera"),
             "source": Path(checkpoint_path).name,
             "dtype": str(dtype).removeprefix("torch."),
         },
