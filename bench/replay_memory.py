@@ -91,7 +91,7 @@ def mismatches_with_sb3(buffer: ReplayBuffer, sb3_buffer, samples: int, rng: np.
             and np.array_equal(batch["vector"][row], sb3_buffer.observations["vector"][i, 0])
             and np.array_equal(batch["next_image"][row], sb3_buffer.next_observations["image"][i, 0])
             and np.array_equal(batch["next_vector"][row], sb3_buffer.next_observations["vector"][i, 0])
-            and batch["reward"][row] == sb3_buffer.rewards[i, 0]
+            and batch["reward"][row, 0] == sb3_buffer.rewards[i, 0]
             # SB3 stores done = terminated or truncated, and the truncation apart as a timeout
             and batch["terminated"][row] == sb3_buffer.dones[i, 0] * (1 - sb3_buffer.timeouts[i, 0])
         )

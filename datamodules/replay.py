@@ -48,6 +48,8 @@ class ReplayDataModule(pl.LightningDataModule):
         num_envs: parallel training envs (per process under DDP); the buffer keeps one ring per env.
         buffer_capacity: transitions kept in replay (the seed: 1M, about 7.3 KB each); per process under DDP.
         batch_size: transitions per TD3 update.
+        n_step: env steps each sampled transition spans (n-step returns): its target sums the discounted rewards of
+            up to `n_step` steps of one episode and bootstraps from the observation after them. 1 is TD3's target.
         eval_episodes: episodes per validation run, shared out among the DDP processes (each seed runs once).
         eval_seed: seed of the first evaluation episode; episode i uses eval_seed + i, the same for every policy.
         test_seed: the same for `cli.py test`: held-out seeds, never looked at while tuning on validation.
@@ -67,6 +69,7 @@ class ReplayDataModule(pl.LightningDataModule):
         num_envs: int = 1,
         buffer_capacity: int = 1_000_000,
         batch_size: int = 256,
+        n_step: int = 1,
         eval_episodes: int = 10,
         eval_seed: int = 10_000,
         test_seed: int = 20_000,
@@ -79,6 +82,7 @@ class ReplayDataModule(pl.LightningDataModule):
             ("data.num_envs", num_envs, 1),
             ("data.buffer_capacity", buffer_capacity, 2 * num_envs),
             ("data.batch_size", batch_size, 1),
+            ("data.n_step", n_step, 1),
             ("data.eval_episodes", eval_episodes, 1),
             ("data.replay_files_kept", replay_files_kept, 1),
         ):
@@ -87,6 +91,7 @@ class ReplayDataModule(pl.LightningDataModule):
         self.num_envs = num_envs
         self.buffer_capacity = buffer_capacity
         self.batch_size = batch_size
+        self.n_step = n_step
         self.eval_episodes = eval_episodes
         self.eval_seed = eval_seed
         self.test_seed = test_seed
@@ -114,7 +119,9 @@ class ReplayDataModule(pl.LightningDataModule):
             self.env_configs = training_env_configs(self.env, self.num_envs, self._rank(), world_size)
             self.live_envs = live_envs(self.env, self.env_configs, range(len(self.env_configs)))
         if stage == "fit" and self.buffer is None:
-            self.buffer = ReplayBuffer(self.buffer_capacity, len(self.env_configs), self.env.vector_size)
+            self.buffer = ReplayBuffer(
+                self.buffer_capacity, len(self.env_configs), self.env.vector_size, n_step=self.n_step
+            )
             self._sampler_rng = stream_rng("replay_sampler", self._rank())
             if self.sample_on_device:
                 device = self.trainer.strategy.root_device

@@ -145,7 +145,7 @@ def replayed_crashes(
     for start in range(0, rings.size, batch_size):
         batch = buffer.transitions_at(rings[start:start + batch_size], slots[start:start + batch_size])
         values[start:start + batch_size] = critic(batch, batch["action"]).reshape(-1)
-        rewards[start:start + batch_size] = batch["reward"]
+        rewards[start:start + batch_size] = batch["reward"][:, 0]  # the crash step's own reward
     return [
         ReplayedCrashes(int(mask.sum()), float(values[mask].mean()), float(rewards[mask].mean())) if mask.any()
         else ReplayedCrashes(0, float("nan"), float("nan"))

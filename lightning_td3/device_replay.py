@@ -55,11 +55,14 @@ class DeviceReplay:
     def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """`ReplayBuffer.sample(batch_size, rng)`'s batch, as tensors on the device."""
         self.sync()
-        rings, stack_slots, next_stack_slots = self.buffer.sample_slots(batch_size, rng)
-        places = torch.from_numpy(np.concatenate([rings[:, None], stack_slots, next_stack_slots], axis=1))
-        places = places.to(self.device, non_blocking=True)  # one small copy for all the indices
-        stack = stack_slots.shape[1]
-        return gather_transitions(self.storage, places[:, 0], places[:, 1 : 1 + stack], places[:, 1 + stack :])
+        rings, *slot_arrays, spanned = self.buffer.sample_slots(batch_size, rng)
+        places = np.concatenate([rings[:, None], *slot_arrays, spanned], axis=1, dtype=np.int64)
+        places = torch.from_numpy(places).to(self.device, non_blocking=True)  # one small copy for all the indices
+        stack, n_step = slot_arrays[0].shape[1], spanned.shape[1]
+        stack_slots, next_stack_slots, reward_slots, spanned = places[:, 1:].split([stack, stack, n_step, n_step], 1)
+        return gather_transitions(
+            self.storage, places[:, 0], stack_slots, next_stack_slots, reward_slots, spanned.bool()
+        )
 
     def sync(self) -> None:
         """Bring the copy up to the buffer: the slots changed since the last sync, or all after a reload."""

@@ -25,6 +25,9 @@ class ReplayBuffer:
         vector_size: size of the observation's `vector`.
         action_size: size of an action.
         frame_shape: (height, width) of one grayscale frame.
+        n_step: env steps a sampled transition spans: its rewards are those of up to `n_step` steps of one
+            episode, and its next_obs the observation after the last of them (fewer where the episode ends first,
+            or where its newest step is the newest collected).
     """
 
     def __init__(
@@ -34,7 +37,10 @@ class ReplayBuffer:
         vector_size: int = 54,
         action_size: int = 2,
         frame_shape: tuple[int, int] = (84, 84),
+        n_step: int = 1,
     ):
+        if n_step < 1:
+            raise ValueError(f"n_step must be >= 1; got {n_step}")
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1; got {num_envs}")
         if capacity < 2 * num_envs:
@@ -44,6 +50,7 @@ class ReplayBuffer:
         self.vector_size = vector_size
         self.action_size = action_size
         self.frame_shape = tuple(frame_shape)
+        self.n_step = n_step
         self.changes = 0  # counts add and drop_episode calls: tells whether the contents changed since a look
         self.generation = 0  # counts storage (re)allocations: a copy of the storage must then be taken afresh
         self._allocate()
@@ -135,7 +142,11 @@ class ReplayBuffer:
         self.changes += 1
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """`batch_size` transitions drawn uniformly (with replacement) from all valid ones in all rings."""
+        """`batch_size` transitions drawn uniformly (with replacement) from all valid ones in all rings.
+
+        `reward` is (B, n_step): the rewards of the steps the transition spans, 0 after its last; `steps` (B,) is
+        how many it spans, and `terminated` whether its last step ended the episode.
+        """
         return self.transitions_at(*self._sample_starts(batch_size, rng))
 
     def transitions_at(self, rings: np.ndarray, slots: np.ndarray) -> dict[str, np.ndarray]:
@@ -145,20 +156,19 @@ class ReplayBuffer:
         batch["terminated"] = batch["terminated"].astype(np.float32)
         return batch
 
-    def sample_slots(
-        self, batch_size: int, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Where `sample` takes its transitions from: rings (B,), and the slots of obs and next_obs stacks (B, 4)."""
+    def sample_slots(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        """Where `sample` takes its transitions from: rings (B,), the slots of obs and next_obs stacks (B, 4), and
+        the slots of the rewards (B, n_step) with which of them the transition spans (bool)."""
         return self._transition_slots(*self._sample_starts(batch_size, rng))
 
-    def _transition_slots(
-        self, rings: np.ndarray, slots: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        stack_slots = self._stack_slots(rings, slots)
-        # The env's next stack is its stack rolled left plus the new frame; rebuilding it from the next slot's
-        # own step gives exactly that (same episode, step + 1).
-        next_slots = (slots + 1) % self.slots_per_env
-        return rings, stack_slots, np.concatenate([stack_slots[:, 1:], next_slots[:, None]], axis=1)
+    def _transition_slots(self, rings: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, ...]:
+        reward_slots = (slots[:, None] + np.arange(self.n_step)) % self.slots_per_env
+        # A step is spanned while each slot up to it began a transition: has_next chains the slots of one episode
+        # and stops at its end and at the ring's newest slot, so the walk never reaches an overwritten slot.
+        spanned = np.logical_and.accumulate(self._has_next[rings[:, None], reward_slots], axis=1)
+        next_slots = (slots + spanned.sum(axis=1)) % self.slots_per_env
+        # The next slot holds the same episode `steps` later, so its own step rebuilds the env's next stack.
+        return rings, self._stack_slots(rings, slots), self._stack_slots(rings, next_slots), reward_slots, spanned
 
     @property
     def written(self) -> np.ndarray:
@@ -345,19 +355,21 @@ class ReplayBuffer:
         return (slots[:, None] - back) % self.slots_per_env
 
 
-def gather_transitions(storage: dict, rings, stack_slots, next_stack_slots) -> dict:
+def gather_transitions(storage: dict, rings, stack_slots, next_stack_slots, reward_slots, spanned) -> dict:
     """The transitions at `ReplayBuffer.sample_slots`'s places, from storage arrays (numpy) or tensors (torch).
 
     `terminated` comes back in the storage's dtype.
     """
     slots, next_slots = stack_slots[:, -1], next_stack_slots[:, -1]
+    last_slots = (next_slots - 1) % storage["terminated"].shape[1]  # the slot of the last step spanned
     frames = storage["frames"]
     return {
         "image": frames[rings[:, None], stack_slots],
         "vector": storage["vectors"][rings, slots],
         "action": storage["actions"][rings, slots],
-        "reward": storage["rewards"][rings, slots],
+        "reward": storage["rewards"][rings[:, None], reward_slots] * spanned,
+        "steps": spanned.sum(1),
         "next_image": frames[rings[:, None], next_stack_slots],
         "next_vector": storage["vectors"][rings, next_slots],
-        "terminated": storage["terminated"][rings, slots],
+        "terminated": storage["terminated"][rings, last_slots],
     }

@@ -53,13 +53,17 @@ class UpdateStats:
 
 def clipped_double_q_target(
     reward: torch.Tensor,
+    steps: torch.Tensor,
     terminated: torch.Tensor,
     next_q1: torch.Tensor,
     next_q2: torch.Tensor,
     gamma: float,
 ) -> torch.Tensor:
-    """y = r + γ (1 − terminated) min(Q1', Q2'); a time-out is not terminal, so it still bootstraps."""
-    return reward + gamma * (1.0 - terminated) * torch.minimum(next_q1, next_q2)
+    """y = Σ_k γ^k r_k + γ^steps (1 − terminated) min(Q1', Q2') over the (B, n) rewards of the steps to next_obs
+    (0 after the last): with n = 1, TD3's r + γ (1 − terminated) min(Q1', Q2'). A time-out is not terminal, so it
+    still bootstraps."""
+    discounts = gamma ** torch.arange(reward.shape[1], device=reward.device)
+    return (reward * discounts).sum(1) + gamma**steps * (1.0 - terminated) * torch.minimum(next_q1, next_q2)
 
 
 def smoothed_target_action(
@@ -268,7 +272,9 @@ class TD3(DrivingModule):
                 self.actor_target(next_image, batch["next_vector"]), hp.policy_noise, hp.noise_clip
             )
             next_q1, next_q2 = self.critic_target(next_image, batch["next_vector"], next_action)
-            target_q = clipped_double_q_target(batch["reward"], batch["terminated"], next_q1, next_q2, hp.gamma)
+            target_q = clipped_double_q_target(
+                batch["reward"], batch["steps"], batch["terminated"], next_q1, next_q2, hp.gamma
+            )
         q1, q2 = self.critic(image, vector, action)
         critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
         critic_grad_norm = self._backward(critic_optimizer, critic_loss, self.critic)

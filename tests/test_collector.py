@@ -88,7 +88,7 @@ def assert_samples_are_stored_transitions(buffer: RecordingBuffer) -> None:
         for env in range(buffer.num_envs):
             stored[call["action"][env].tobytes()] = {
                 "image": call["obs"]["image"][env], "vector": call["obs"]["vector"][env],
-                "action": call["action"][env], "reward": np.float32(call["reward"][env]),
+                "action": call["action"][env], "reward": np.float32([call["reward"][env]]),
                 "next_image": call["next_obs"]["image"][env], "next_vector": call["next_obs"]["vector"][env],
                 "terminated": np.float32(call["terminated"][env]),
             }

@@ -41,9 +41,10 @@ def assert_same_batches(buffer: ReplayBuffer, device_replay: DeviceReplay, seed:
     assert host_rng.bit_generator.state == device_rng.bit_generator.state
 
 
-def test_the_copy_follows_every_add_through_wrap_around_and_gives_the_host_batches():
+@pytest.mark.parametrize("n_step", [1, 3])
+def test_the_copy_follows_every_add_through_wrap_around_and_gives_the_host_batches(n_step):
     # 3 envs of 13 slots: episodes of up to 8 steps wrap the rings many times over 120 steps.
-    buffer = ReplayBuffer(capacity=3 * 13, num_envs=3, vector_size=VECTOR_SIZE)
+    buffer = ReplayBuffer(capacity=3 * 13, num_envs=3, vector_size=VECTOR_SIZE, n_step=n_step)
     device_replay = DeviceReplay(buffer, "cpu")
     for step, call in enumerate(collect(num_envs=3, steps=120, seed=3)):
         buffer.add(**call)

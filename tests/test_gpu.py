@@ -31,7 +31,7 @@ def test_sampling_on_the_device_trains_exactly_as_host_sampling(tmp_path, monkey
     gpu = ("--trainer.accelerator", "gpu", "--trainer.devices", "1")
     weights = []
     for name, on_device in (("host", "false"), ("device", "true")):
-        result = fit(tmp_path / name, *gpu, "--data.sample_on_device", on_device)
+        result = fit(tmp_path / name, *gpu, "--data.sample_on_device", on_device, "--data.n_step", "3")
         assert (result.datamodule.device_replay is not None) == (on_device == "true")
         checkpoint = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert checkpoint["td3_progress"]["updates"] == 6
@@ -54,7 +54,7 @@ def test_actor_acts_on_gpu_batches():
 def cuda_batches(count: int, size: int = 16) -> list[dict[str, torch.Tensor]]:
     from tests.test_td3 import fixed_batch
 
-    return [fixed_batch(size, seed=seed) for seed in range(count)]
+    return [fixed_batch(size, seed=seed, n_step=3) for seed in range(count)]
 
 
 def fit_on_gpu(module: TD3, batches: list[dict]) -> pl.Trainer:

@@ -92,7 +92,8 @@ def emitted_transitions(calls: list[dict]) -> list[dict]:
                     image=call["obs"]["image"][env],
                     vector=call["obs"]["vector"][env],
                     action=call["action"][env],
-                    reward=np.float32(call["reward"][env]),
+                    reward=np.float32([call["reward"][env]]),
+                    steps=1,
                     next_image=call["next_obs"]["image"][env],
                     next_vector=call["next_obs"]["vector"][env],
                     terminated=np.float32(call["terminated"][env]),
@@ -118,7 +119,31 @@ def still_held(transitions: list[dict], num_envs: int, slots_per_env: int) -> li
     return [t for t, obs_write, step in placed if obs_write - min(step, 3) >= writes[t["env"]] - slots_per_env]
 
 
-FIELDS = ("image", "vector", "action", "reward", "next_image", "next_vector", "terminated")
+FIELDS = ("image", "vector", "action", "reward", "steps", "next_image", "next_vector", "terminated")
+
+
+def n_step_transitions(transitions: list[dict], n_step: int) -> list[dict]:
+    """Each emitted transition spanning up to `n_step` steps of its episode: the rewards of the steps up to the
+    episode's end or the newest collected (0 after), the next_obs and termination of the last of them."""
+    by_env = {}
+    for transition in transitions:
+        by_env.setdefault(transition["env"], []).append(transition)
+    spanning = []
+    for episode_steps in by_env.values():
+        for start, first in enumerate(episode_steps):
+            spanned = [first]
+            while len(spanned) < n_step and start + len(spanned) < len(episode_steps):
+                if spanned[-1]["terminated"] or spanned[-1]["truncated"]:
+                    break
+                spanned.append(episode_steps[start + len(spanned)])
+            last = spanned[-1]
+            rewards = np.zeros(n_step, np.float32)
+            rewards[: len(spanned)] = [t["reward"][0] for t in spanned]
+            spanning.append({
+                **first, "reward": rewards, "steps": len(spanned), "next_image": last["next_image"],
+                "next_vector": last["next_vector"], "terminated": last["terminated"], "truncated": last["truncated"],
+            })
+    return spanning
 
 
 def key(action: np.ndarray) -> bytes:
@@ -137,8 +162,9 @@ def sample_counts(buffer: ReplayBuffer, expected: list[dict], draws: int, seed: 
         assert batch["image"].dtype == batch["next_image"].dtype == np.uint8
         assert batch["image"].shape == batch["next_image"].shape == (size, 4, 84, 84)
         assert batch["vector"].shape == batch["next_vector"].shape == (size, VECTOR_SIZE)
-        assert batch["action"].shape == (size, 2) and batch["reward"].shape == batch["terminated"].shape == (size,)
-        assert all(value.dtype == np.float32 for name, value in batch.items() if "image" not in name)
+        assert batch["action"].shape == (size, 2) and batch["reward"].shape == (size, buffer.n_step)
+        assert batch["steps"].shape == batch["terminated"].shape == (size,)
+        assert all(value.dtype == np.float32 for name, value in batch.items() if name not in ("image", "next_image", "steps"))
         indices = [index_of.get(key(action), -1) for action in batch["action"]]
         assert -1 not in indices, "sampled a transition that is not (or no longer) in the buffer"
         for name in FIELDS:
@@ -163,14 +189,32 @@ def test_samples_are_exactly_the_emitted_transitions_and_uniform():
     assert counts.min() > 130 and counts.max() < 270
 
 
-@pytest.mark.parametrize("slots_per_env", [2, 3, 4, 5, 13])
-def test_wrap_around_keeps_exact_transitions_and_drops_overwritten_ones(slots_per_env):
+@pytest.mark.parametrize("n_step", [2, 3, 5])
+def test_n_step_samples_span_the_steps_of_one_episode_exactly_and_uniformly(n_step):
+    calls = collect(num_envs=3, steps=60, seed=1)
+    expected = n_step_transitions(emitted_transitions(calls), n_step)
+    # Spans of every length, ended by each thing that ends one early: a termination, a time-out, the newest step.
+    assert {t["steps"] for t in expected} == set(range(1, n_step + 1))
+    cut_short = [t for t in expected if t["steps"] < n_step]
+    assert any(t["terminated"] for t in cut_short) and any(t["truncated"] for t in cut_short)
+    assert any(not (t["terminated"] or t["truncated"]) for t in cut_short)
+
+    buffer = ReplayBuffer(capacity=3 * 400, num_envs=3, vector_size=VECTOR_SIZE, n_step=n_step)
+    fill(buffer, calls)
+    assert len(buffer) == len(expected)
+    counts = sample_counts(buffer, expected, draws=len(expected) * 200 // 256, size=256)
+    assert counts.min() > 130 and counts.max() < 270
+
+
+@pytest.mark.parametrize("slots_per_env,n_step", [(2, 1), (3, 1), (4, 1), (5, 1), (13, 1), (3, 3), (5, 3), (13, 4)])
+def test_wrap_around_keeps_exact_transitions_and_drops_overwritten_ones(slots_per_env, n_step):
     calls = collect(num_envs=2, steps=120, seed=slots_per_env)
-    buffer = ReplayBuffer(capacity=2 * slots_per_env, num_envs=2, vector_size=VECTOR_SIZE)
+    buffer = ReplayBuffer(capacity=2 * slots_per_env, num_envs=2, vector_size=VECTOR_SIZE, n_step=n_step)
     sampled = 0
     for done, call in enumerate(calls, start=1):
         buffer.add(**call)
-        expected = still_held(emitted_transitions(calls[:done]), num_envs=2, slots_per_env=slots_per_env)
+        spanning = n_step_transitions(emitted_transitions(calls[:done]), n_step)
+        expected = still_held(spanning, num_envs=2, slots_per_env=slots_per_env)
         assert len(buffer) == len(expected)
         if done % 10 == 0 and expected:
             counts = sample_counts(buffer, expected, draws=4, seed=done)

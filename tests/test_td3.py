@@ -20,13 +20,16 @@ from lightning_td3.td3 import (
 VECTOR = 54
 
 
-def fixed_batch(size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+def fixed_batch(size: int = 8, seed: int = 0, n_step: int = 1) -> dict[str, torch.Tensor]:
+    """A batch as the replay gives it: transitions spanning 1 to `n_step` steps, rewards 0 after the last."""
     generator = torch.Generator().manual_seed(seed)
+    steps = torch.randint(1, n_step + 1, (size,), generator=generator)
     return {
         "image": torch.randint(0, 256, (size, 4, 84, 84), dtype=torch.uint8, generator=generator),
         "vector": torch.randn(size, VECTOR, generator=generator),
         "action": torch.rand(size, 2, generator=generator) * 2 - 1,
-        "reward": torch.randn(size, generator=generator),
+        "reward": torch.randn(size, n_step, generator=generator) * (torch.arange(n_step) < steps[:, None]),
+        "steps": steps,
         "next_image": torch.randint(0, 256, (size, 4, 84, 84), dtype=torch.uint8, generator=generator),
         "next_vector": torch.randn(size, VECTOR, generator=generator),
         "terminated": (torch.rand(size, generator=generator) < 0.3).float(),
@@ -94,13 +97,25 @@ def test_actor_and_critic_own_separate_cnns():
 
 
 def test_clipped_double_q_target_matches_hand_computation():
-    reward = torch.tensor([1.0, -2.0, 0.5])
+    reward = torch.tensor([[1.0], [-2.0], [0.5]])
+    steps = torch.tensor([1, 1, 1])
     terminated = torch.tensor([0.0, 1.0, 0.0])
     next_q1 = torch.tensor([10.0, 5.0, -3.0])
     next_q2 = torch.tensor([8.0, 7.0, -1.0])
-    target = clipped_double_q_target(reward, terminated, next_q1, next_q2, gamma=0.9)
+    target = clipped_double_q_target(reward, steps, terminated, next_q1, next_q2, gamma=0.9)
     # 1 + .9*min(10, 8) = 8.2 ; terminal: -2 ; .5 + .9*min(-3, -1) = -2.2
     torch.testing.assert_close(target, torch.tensor([8.2, -2.0, -2.2]))
+
+
+def test_n_step_target_discounts_each_reward_and_bootstraps_after_the_steps_spanned():
+    reward = torch.tensor([[1.0, 2.0, 4.0], [1.0, 2.0, 0.0], [1.0, 0.0, 0.0]])
+    steps = torch.tensor([3, 2, 1])
+    terminated = torch.tensor([0.0, 0.0, 1.0])
+    next_q = torch.tensor([10.0, 10.0, 10.0])
+    target = clipped_double_q_target(reward, steps, terminated, next_q, next_q + 1, gamma=0.5)
+    # 1 + .5*2 + .25*4 + .125*10 = 4.25 ; cut short (a time-out or the newest data): 1 + .5*2 + .25*10 = 4.5 ;
+    # the episode terminated after the first step: 1
+    torch.testing.assert_close(target, torch.tensor([4.25, 4.5, 1.0]))
 
 
 def test_target_policy_smoothing_noise_is_clipped_and_actions_stay_in_range():
@@ -172,8 +187,9 @@ def test_q_values_line_up_with_rewards_so_the_loss_is_per_sample():
     module = TD3(vector_size=VECTOR, hidden_sizes=(32,))
     batch = fixed_batch()
     q1, q2 = module.critic(batch["image"], batch["vector"], batch["action"])
-    assert q1.shape == q2.shape == batch["reward"].shape
-    assert module.critic.q1(batch["image"], batch["vector"], batch["action"]).shape == batch["reward"].shape
+    target = clipped_double_q_target(batch["reward"], batch["steps"], batch["terminated"], q1, q2, gamma=0.99)
+    assert q1.shape == q2.shape == target.shape == batch["terminated"].shape
+    assert module.critic.q1(batch["image"], batch["vector"], batch["action"]).shape == target.shape
 
 
 def test_speed_options_keep_the_checkpoint_layout_and_the_math():
@@ -315,7 +331,9 @@ def reference_td3_updates(module: TD3, batches: list[dict]) -> list[torch.optim.
                 module.actor_target(batch["next_image"], batch["next_vector"]), hp.policy_noise, hp.noise_clip
             )
             next_q1, next_q2 = module.critic_target(batch["next_image"], batch["next_vector"], next_action)
-            target_q = clipped_double_q_target(batch["reward"], batch["terminated"], next_q1, next_q2, hp.gamma)
+            target_q = clipped_double_q_target(
+                batch["reward"], batch["steps"], batch["terminated"], next_q1, next_q2, hp.gamma
+            )
         q1, q2 = module.critic(batch["image"], batch["vector"], batch["action"])
         critic_loss = torch.nn.functional.mse_loss(q1, target_q) + torch.nn.functional.mse_loss(q2, target_q)
         if not backward_and_step(critic_optimizer, critic_loss, module.critic) or update % hp.policy_delay:
@@ -331,12 +349,14 @@ def reference_td3_updates(module: TD3, batches: list[dict]) -> list[torch.optim.
     return [actor_optimizer, critic_optimizer]
 
 
-def test_the_sync_free_update_matches_the_host_branching_update_bit_for_bit():
+@pytest.mark.parametrize("n_step", [1, 3])
+def test_the_sync_free_update_matches_the_host_branching_update_bit_for_bit(n_step):
     torch.manual_seed(0)
     module = TD3(vector_size=VECTOR, hidden_sizes=(32,), layer_norm=True, max_grad_norm=0.5)  # clipping at work
     reference = TD3(vector_size=VECTOR, hidden_sizes=(32,), layer_norm=True, max_grad_norm=0.5)
     reference.load_state_dict(module.state_dict())
-    batches = [fixed_batch(seed=seed) for seed in range(5)]  # updates 0 to 4: three actor + Polyak updates
+    # updates 0 to 4: three actor + Polyak updates
+    batches = [fixed_batch(seed=seed, n_step=n_step) for seed in range(5)]
 
     torch.manual_seed(1)  # the target smoothing noise, drawn alike on both sides
     trainer = fit_on_batches(module, batches)
@@ -369,3 +389,20 @@ def test_a_vector_size_other_than_the_envs_is_refused_before_any_env_runs():
     with pytest.raises(ConfigError, match=r"vector_size is 14 but data.env gives vectors of 16 .*observe_leader=True"
                                           r".*set vector_size: 16"):
         trainer.validate(TD3(vector_size=14, hidden_sizes=(16,)), datamodule=data)
+
+
+def test_data_n_step_from_the_config_reaches_the_update(tmp_path, monkeypatch):
+    from tests.tiny_run import fit
+
+    spans = []
+    update = TD3._update
+
+    def recording_update(self, batch, optimizers, actor_step):
+        spans.append((tuple(batch["reward"].shape), batch["steps"].max().item()))
+        return update(self, batch, optimizers, actor_step)
+
+    monkeypatch.setattr(TD3, "_update", recording_update)
+    result = fit(tmp_path, "--data.n_step", "3")
+    assert result.datamodule.buffer.n_step == 3 and len(spans) == 6
+    assert all(shape == (4, 3) and 1 <= most <= 3 for shape, most in spans)
+    assert any(most > 1 for _, most in spans), "no sampled transition spanned more than one step"
