@@ -164,7 +164,8 @@ def sample_counts(buffer: ReplayBuffer, expected: list[dict], draws: int, seed: 
         assert batch["vector"].shape == batch["next_vector"].shape == (size, VECTOR_SIZE)
         assert batch["action"].shape == (size, 2) and batch["reward"].shape == (size, buffer.n_step)
         assert batch["steps"].shape == batch["terminated"].shape == (size,)
-        assert all(value.dtype == np.float32 for name, value in batch.items() if name not in ("image", "next_image", "steps"))
+        floats = [value for name, value in batch.items() if name not in ("image", "next_image", "steps")]
+        assert all(value.dtype == np.float32 for value in floats)
         indices = [index_of.get(key(action), -1) for action in batch["action"]]
         assert -1 not in indices, "sampled a transition that is not (or no longer) in the buffer"
         for name in FIELDS:
