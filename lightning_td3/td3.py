@@ -66,6 +66,12 @@ def clipped_double_q_target(
     return (reward * discounts).sum(1) + gamma**steps * (1.0 - terminated) * torch.minimum(next_q1, next_q2)
 
 
+def decayed_lr_fraction(update: int, decay_updates: int, final_fraction: float) -> float:
+    """The fraction of its starting learning rate that update `update` (from 0) runs at: linear to
+    `final_fraction` at `decay_updates`, then held."""
+    return 1.0 - (1.0 - final_fraction) * min(update, decay_updates) / decay_updates
+
+
 def smoothed_target_action(
     target_action: torch.Tensor, noise_std: float, noise_clip: float
 ) -> torch.Tensor:
@@ -116,6 +122,10 @@ class TD3(DrivingModule):
         image_shift: each update sees its obs and next_obs stacks moved by up to this many pixels (independently
             per stack): DrQ's augmentation, against CNNs that learn states pixel by pixel. 0: off (the seed). Acting
             and evaluation always see the frames as they are.
+        lr_decay_updates: decay both learning rates linearly over this many updates (by the run's update count, so a
+            resumed run goes on where it stood) to `final_lr_fraction` of `actor_lr` and `critic_lr`, then hold
+            them there. 0: constant learning rates (the seed).
+        final_lr_fraction: where the decay ends, as a fraction of the starting learning rates.
         cuda_graph: record the whole update (forward, backward, clipping, Adam, Polyak, skip counters) as CUDA
             graphs after a few eager warm-up updates and replay them: a handful of host calls per update instead
             of hundreds of kernel launches. One CUDA device only; not with `compile` or mixed-precision trainers.
@@ -142,6 +152,8 @@ class TD3(DrivingModule):
         max_nonfinite_updates: int = 100,
         cuda_graph: bool = False,
         image_shift: int = 0,
+        lr_decay_updates: int = 0,
+        final_lr_fraction: float = 0.1,
     ) -> None:
         super().__init__()
         require(0.0 <= gamma < 1.0, "model.gamma", "in [0, 1)", gamma)
@@ -157,6 +169,11 @@ class TD3(DrivingModule):
             isinstance(image_shift, int) and 0 <= image_shift < IMAGE_SIZE // 2, "model.image_shift",
             f"an integer in 0..{IMAGE_SIZE // 2 - 1} (pixels)", image_shift,
         )
+        require(
+            isinstance(lr_decay_updates, int) and lr_decay_updates >= 0, "model.lr_decay_updates",
+            "an integer >= 0 (0: constant learning rates)", lr_decay_updates,
+        )
+        require(0.0 <= final_lr_fraction <= 1.0, "model.final_lr_fraction", "in [0, 1]", final_lr_fraction)
         # torch.compile brings its own CUDA graphs (mode="reduce-overhead"); the two do not nest.
         require(not (cuda_graph and compile), "model.cuda_graph", "false when model.compile is true", cuda_graph)
         self.save_hyperparameters()
@@ -232,6 +249,12 @@ class TD3(DrivingModule):
 
     def on_train_start(self) -> None:
         self._nonfinite[UPDATE] = self.updates  # the device's count of updates starts where the host's stands
+        if self.hparams.lr_decay_updates:
+            # Decayed in place (`_decay_learning_rates`), so the CUDA graphs recorded below read it at every replay:
+            # a tensor on the device, whatever a resumed optimizer state brought.
+            for optimizer in self.optimizers():
+                for group in optimizer.optimizer.param_groups:
+                    group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=self.device)
         # Graphs hold this fit's optimizer state and parameters: recorded afresh in every fit (after a resume too).
         self._graphed_update = GraphedUpdate(self._update, self.optimizers()) if self.hparams.cuda_graph else None
 
@@ -240,6 +263,8 @@ class TD3(DrivingModule):
         update = self.updates
         actor_step = update % hp.policy_delay == 0  # the delayed actor and target updates
         batch = self._next_batch(dataloader_iter)
+        if hp.lr_decay_updates:
+            self._decay_learning_rates(update)
         if self._graphed_update is not None:
             stats = self._graphed_update(batch, actor_step)
         else:
@@ -473,6 +498,13 @@ class TD3(DrivingModule):
         getattr(optimizer, "optimizer", optimizer).found_inf = (~ok).float()  # on the torch optimizer itself
         optimizer.step()
 
+    def _decay_learning_rates(self, update: int) -> None:
+        hp = self.hparams
+        fraction = decayed_lr_fraction(update, hp.lr_decay_updates, hp.final_lr_fraction)
+        for optimizer, start_lr in zip(self.optimizers(), (hp.actor_lr, hp.critic_lr)):
+            for group in optimizer.optimizer.param_groups:
+                group["lr"].fill_(start_lr * fraction)
+
     @torch.no_grad()
     def _count_skipped(self, ok: torch.Tensor) -> None:
         skipped, streak, streak_start, tripped_start, update = self._nonfinite.unbind()  # views, updated in place
@@ -524,6 +556,9 @@ class TD3(DrivingModule):
             "train/updates": float(update),
             "train/skipped_updates": float(self.skipped_updates),
         }
+        actor_optimizer, critic_optimizer = self.optimizers()
+        scalars["train/actor_lr"] = float(actor_optimizer.optimizer.param_groups[0]["lr"])
+        scalars["train/critic_lr"] = float(critic_optimizer.optimizer.param_groups[0]["lr"])
         if stats.actor_loss is not None:
             scalars["train/actor_loss"] = stats.actor_loss.item()
             scalars["train/actor_grad_norm"] = stats.actor_grad_norm.item()

@@ -66,7 +66,11 @@ def fit_on_gpu(module: TD3, batches: list[dict]) -> pl.Trainer:
     return trainer
 
 
-@pytest.mark.parametrize("speedups", [{}, {"channels_last": True, "bf16_cnn": True}])
+@pytest.mark.parametrize(
+    "speedups",
+    [{}, {"channels_last": True, "bf16_cnn": True}, {"lr_decay_updates": 6, "final_lr_fraction": 0.1}],
+    ids=["plain", "channels_last_bf16", "lr_decay"],  # lr_decay: the graphs must read each update's learning rates
+)
 def test_cuda_graph_update_matches_the_eager_update(speedups, monkeypatch):
     """Eager warm-up, then both graphs (critic only; critic + actor + Polyak) recorded and replayed, a NaN batch
     among the replays: the weights, targets, Adam state and counters must come out as the eager update's."""

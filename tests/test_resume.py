@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -34,11 +35,13 @@ def load_replay(checkpoint: dict) -> tuple[dict, dict]:
     return buffer.state_dict(), extra
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    fit(tmp_path / "straight_through", **{"trainer.max_epochs": 2})
-    fit(tmp_path / "interrupted", **{"trainer.max_epochs": 1})
+# With a learning-rate decay too: a resumed run must take it up at its update count, not start it over.
+@pytest.mark.parametrize("settings", [(), ("--model.init_args.lr_decay_updates", "9")], ids=["constant_lr", "lr_decay"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, settings):
+    fit(tmp_path / "straight_through", *settings, **{"trainer.max_epochs": 2})
+    fit(tmp_path / "interrupted", *settings, **{"trainer.max_epochs": 1})
     first_half = load(tmp_path / "interrupted")
-    fit(tmp_path / "interrupted", "--ckpt_path", "last", **{"trainer.max_epochs": 2})
+    fit(tmp_path / "interrupted", *settings, "--ckpt_path", "last", **{"trainer.max_epochs": 2})
 
     expected, resumed = load(tmp_path / "straight_through"), load(tmp_path / "interrupted")
     assert first_half["td3_progress"]["updates"] == 6

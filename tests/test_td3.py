@@ -176,11 +176,46 @@ def test_image_shift_feeds_the_update_shifted_obs_and_next_obs_stacks():
 
 
 @pytest.mark.parametrize(
-    "field,value", [("gamma", 1.0), ("tau", 0.0), ("policy_delay", 0), ("image_shift", -1), ("image_shift", 42)]
+    "field,value",
+    [("gamma", 1.0), ("tau", 0.0), ("policy_delay", 0), ("image_shift", -1), ("image_shift", 42),
+     ("lr_decay_updates", -1), ("lr_decay_updates", 2.5), ("final_lr_fraction", 1.5)],
 )
 def test_bad_hyper_parameters_are_rejected_with_the_field_name(field, value):
     with pytest.raises(ValueError, match=f"model.{field}"):
         TD3(vector_size=VECTOR, **{field: value})
+
+
+def fit_updates(module: TD3, count: int) -> None:
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=count, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=(fixed_batch(seed=seed) for seed in itertools.count()))
+
+
+def test_learning_rates_decay_linearly_over_the_updates_then_hold_and_reach_adam(monkeypatch):
+    seen = []
+    update = TD3._update
+
+    def recording_update(self, batch, optimizers, actor_step):
+        seen.append(tuple(float(optimizer.param_groups[0]["lr"]) for optimizer in optimizers))
+        return update(self, batch, optimizers, actor_step)
+
+    monkeypatch.setattr(TD3, "_update", recording_update)
+    module = TD3(vector_size=VECTOR, hidden_sizes=(32,), actor_lr=1e-3, critic_lr=2e-3,
+                 lr_decay_updates=4, final_lr_fraction=0.25)
+    fit_updates(module, 6)
+    fractions = [1.0, 0.8125, 0.625, 0.4375, 0.25, 0.25]
+    np.testing.assert_allclose(seen, [(1e-3 * f, 2e-3 * f) for f in fractions], rtol=1e-6)
+
+    # Decayed to 0, Adam moves nothing: the rates are the ones the optimizer steps with, and a new fit (as after a
+    # resume) goes on from the module's update count, not from the start of the decay.
+    module = TD3(vector_size=VECTOR, hidden_sizes=(32,), lr_decay_updates=2, final_lr_fraction=0.0)
+    fit_updates(module, 2)
+    actor, critic = snapshot(module.actor), snapshot(module.critic)
+    fit_updates(module, 2)
+    assert module.updates == 4 and not changed(actor, module.actor) and not changed(critic, module.critic)
+    assert seen[-2:] == [(0.0, 0.0), (0.0, 0.0)]
 
 
 def test_q_values_line_up_with_rewards_so_the_loss_is_per_sample():
