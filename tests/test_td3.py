@@ -36,12 +36,17 @@ def fixed_batch(size: int = 8, seed: int = 0, n_step: int = 1) -> dict[str, torc
     }
 
 
-def one_update(module: TD3) -> None:
+def fit_updates(module: TD3, count: int) -> None:
+    """`count` updates in one fit, on the batches fixed_batch(seed=0), fixed_batch(seed=1), ..."""
     trainer = pl.Trainer(
-        max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False,
+        max_epochs=1, limit_train_batches=count, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
-    trainer.fit(module, train_dataloaders=itertools.repeat(fixed_batch()))
+    trainer.fit(module, train_dataloaders=(fixed_batch(seed=seed) for seed in itertools.count()))
+
+
+def one_update(module: TD3) -> None:
+    fit_updates(module, 1)  # on fixed_batch()
 
 
 def snapshot(network: torch.nn.Module) -> list[torch.Tensor]:
@@ -183,14 +188,6 @@ def test_image_shift_feeds_the_update_shifted_obs_and_next_obs_stacks():
 def test_bad_hyper_parameters_are_rejected_with_the_field_name(field, value):
     with pytest.raises(ValueError, match=f"model.{field}"):
         TD3(vector_size=VECTOR, **{field: value})
-
-
-def fit_updates(module: TD3, count: int) -> None:
-    trainer = pl.Trainer(
-        max_epochs=1, limit_train_batches=count, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
-    trainer.fit(module, train_dataloaders=(fixed_batch(seed=seed) for seed in itertools.count()))
 
 
 def test_learning_rates_decay_linearly_over_the_updates_then_hold_and_reach_adam(monkeypatch):
