@@ -250,11 +250,12 @@ class TD3(DrivingModule):
     def on_train_start(self) -> None:
         self._nonfinite[UPDATE] = self.updates  # the device's count of updates starts where the host's stands
         if self.hparams.lr_decay_updates:
-            # Decayed in place (`_decay_learning_rates`), so the CUDA graphs recorded below read it at every replay:
-            # a tensor on the device, whatever a resumed optimizer state brought.
+            # A tensor on the device, decayed in place (`_decay_learning_rates`) so that the CUDA graphs recorded
+            # below read it at every replay; its value comes from the update count, not from a resumed optimizer.
             for optimizer in self.optimizers():
                 for group in optimizer.optimizer.param_groups:
-                    group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=self.device)
+                    group["lr"] = torch.empty((), dtype=torch.float32, device=self.device)
+            self._decay_learning_rates(self.updates)
         # Graphs hold this fit's optimizer state and parameters: recorded afresh in every fit (after a resume too).
         self._graphed_update = GraphedUpdate(self._update, self.optimizers()) if self.hparams.cuda_graph else None
 
@@ -263,7 +264,7 @@ class TD3(DrivingModule):
         update = self.updates
         actor_step = update % hp.policy_delay == 0  # the delayed actor and target updates
         batch = self._next_batch(dataloader_iter)
-        if hp.lr_decay_updates:
+        if 0 < update <= hp.lr_decay_updates:  # past its end the rates hold: nothing to set on the hot path
             self._decay_learning_rates(update)
         if self._graphed_update is not None:
             stats = self._graphed_update(batch, actor_step)
