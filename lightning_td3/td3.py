@@ -428,7 +428,7 @@ class TD3(DrivingModule):
         """Take the checkpoint's camera and hold the attached env to it (setup ran before the checkpoint was read;
         without a trainer, as in `load_from_checkpoint`, the caller's `require_env` does it)."""
         if record.get("camera") is not None:  # else (an older checkpoint) it stays as setup found it
-            self.trained_camera = record["camera"]
+            self.trained_camera = EnvConfig.complete_camera(record["camera"])
         env = self._attached_env()
         if env is not None:
             self.require_env(env)

@@ -93,6 +93,7 @@ def test_a_bad_setting_stops_the_cli_process_with_one_clear_line():
         (["--data.env.backend", "unreal"], "env.backend must be one of"),
         (["--data.env.image_size", "96"], "env.image_size must be 84"),
         (["--data.env.max_steer_rad", "2"], "env.max_steer_rad must be in (0, 0.6] radians"),
+        (["--data.env.frame_ego_position", "1"], "env.frame_ego_position must be in (0, 1)"),
         (["--data.batch_size", "0"], "data.batch_size must be an integer >= 1"),
         (["--data.n_step", "0"], "data.n_step must be an integer >= 1"),
         (["--model.policy", "psychic"], "Expected a typing.Literal['random', 'idm_mobil']"),

@@ -100,6 +100,20 @@ def test_ego_is_distinguishable_from_traffic_in_grayscale():
     assert npc_level in frame
 
 
+@pytest.mark.parametrize("pixels_per_meter, ego_position", [(1.75, 0.3), (2.5, 0.12)])
+def test_the_frame_holds_the_ego_where_the_camera_settings_put_it(pixels_per_meter, ego_position):
+    backend = make_backend(seed=1, traffic_density=0.0, pixels_per_meter=pixels_per_meter,
+                           frame_ego_position=ego_position)
+    frame = backend.frame()
+    # On an empty road only the ego (dark green) is darker than the road's grey.
+    ego_rows, ego_columns = np.nonzero(frame < int(np.dot(WorldSurface.GREY, GRAYSCALE_WEIGHTS)))
+    # The ego starts on a straight, heading along the frame's width: its body spans its length in pixels, centred
+    # (to highway-env's drawing, which lands 1-2 pixels behind the position) at the set fraction of the width.
+    assert ego_columns.mean() == pytest.approx(ego_position * 84, abs=2.0)
+    assert ego_rows.mean() == pytest.approx(42, abs=2.0)
+    assert ego_columns.max() - ego_columns.min() + 1 == pytest.approx(Vehicle.LENGTH * pixels_per_meter, abs=1)
+
+
 def test_same_seed_same_episode_and_seeds_differ():
     actions = np.random.default_rng(0).uniform(-0.2, 1.0, (8, 2)).astype(np.float32)
 

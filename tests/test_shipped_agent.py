@@ -121,13 +121,13 @@ def test_a_checkpoint_of_another_shape_names_the_parameter_and_the_settings(trai
 
 def test_the_agent_keeps_the_camera_it_learned_from_and_refuses_frames_of_another(trained, tmp_path):
     run_dir, exported = trained
-    learned = {"backend": "highway", "pixels_per_meter": 1.75}  # the tiny run's, highway's default
+    learned = {"backend": "highway", "pixels_per_meter": 1.75, "frame_ego_position": 0.3}  # highway's defaults
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["td3_progress"]["camera"] == learned
     assert torch.load(exported, weights_only=True)[ACTOR_ONLY_KEY]["camera"] == learned
     zoomed_out = ["--data.env.pixels_per_meter", "1.25"]
     for checkpoint in (exported, run_dir / "checkpoints" / "last.ckpt"):
-        with pytest.raises(UserError, match=r"learned from frames of \{'backend': 'highway', 'pixels_per_meter': 1.75\} "
-                                            r"but data.env gives frames of \{.*'pixels_per_meter': 1.25\}"):
+        with pytest.raises(UserError, match=r"learned from frames of \{'backend': 'highway', 'pixels_per_meter': 1.75, "
+                                            r".* but data.env gives frames of \{.*'pixels_per_meter': 1.25,"):
             cli.main(["validate", "--config", str(run_dir / "tiny.yaml"), *zoomed_out, "--ckpt_path", str(checkpoint)])
     # An actor exported before the camera was kept (every one under agents/ up to row (j)) is not checked for it.
     unrecorded = torch.load(exported, weights_only=True)
@@ -136,6 +136,16 @@ def test_the_agent_keeps_the_camera_it_learned_from_and_refuses_frames_of_anothe
     result = cli.main(["validate", "--config", str(run_dir / "tiny.yaml"), *zoomed_out,
                        "--ckpt_path", str(tmp_path / "unrecorded.ckpt")])
     assert result.datamodule.env.pixels_per_meter == 1.25 and "eval/success_rate" in result.trainer.callback_metrics
+    # A record written before the ego's place in the frame was a setting: its frames had the ego at 0.3.
+    unplaced = torch.load(exported, weights_only=True)
+    del unplaced[ACTOR_ONLY_KEY]["camera"]["frame_ego_position"]
+    torch.save(unplaced, tmp_path / "unplaced.ckpt")
+    result = cli.main(["validate", "--config", str(run_dir / "tiny.yaml"), "--ckpt_path", str(tmp_path / "unplaced.ckpt")])
+    assert "eval/success_rate" in result.trainer.callback_metrics
+    with pytest.raises(UserError, match=r"learned from frames of .*'frame_ego_position': 0.3.* but data.env gives "
+                                        r"frames of .*'frame_ego_position': 0.12"):
+        cli.main(["validate", "--config", str(run_dir / "tiny.yaml"), "--data.env.frame_ego_position", "0.12",
+                  "--ckpt_path", str(tmp_path / "unplaced.ckpt")])
     before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
     with pytest.raises(UserError, match="learned from frames of"):
         fit(tmp_path / "resumed", *zoomed_out, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"))

@@ -157,6 +157,8 @@ class EnvConfig:
         goal_radius_m: closer than this to the end of the route counts as goal reached.
         image_size: camera image side in pixels (only 84 is supported: the NatureCNN expects it).
         pixels_per_meter: zoom of the highway top view camera.
+        frame_ego_position: where the ego sits across the highway frame's width, as a fraction from its left edge;
+            the road ahead runs to the right, so a smaller fraction shows more of it (and less behind).
         observe_leader: append to the vector the gap to the vehicle ahead in the ego's lane and the speed at which
             the ego closes on it, as a forward radar would give them (off: the agent sees other vehicles only in
             the frames).
@@ -181,6 +183,7 @@ class EnvConfig:
     goal_radius_m: float = 3.0
     image_size: int = IMAGE_SIZE
     pixels_per_meter: float = 1.75
+    frame_ego_position: float = 0.3
     observe_leader: bool = False
     reward: RewardConfig = field(default_factory=RewardConfig)
     carla: CarlaConfig = field(default_factory=CarlaConfig)
@@ -224,6 +227,9 @@ class EnvConfig:
             self.image_size,
         )
         require(self.pixels_per_meter > 0, "env.pixels_per_meter", "> 0", self.pixels_per_meter)
+        require(
+            0 < self.frame_ego_position < 1, "env.frame_ego_position", "in (0, 1)", self.frame_ego_position
+        )
         require(isinstance(self.observe_leader, bool), "env.observe_leader", "true or false", self.observe_leader)
 
     @property
@@ -232,7 +238,19 @@ class EnvConfig:
         checkpoint keeps this and refuses an env that differs (a zoomed-out frame shows every car smaller)."""
         if self.backend == "carla":
             return {"backend": "carla", "camera_fov_deg": self.carla.camera_fov_deg}
-        return {"backend": self.backend, "pixels_per_meter": self.pixels_per_meter}
+        return {
+            "backend": self.backend,
+            "pixels_per_meter": self.pixels_per_meter,
+            "frame_ego_position": self.frame_ego_position,
+        }
+
+    @staticmethod
+    def complete_camera(recorded: dict) -> dict:
+        """A checkpoint's camera record as `camera` gives it now: highway records written before the ego's place in
+        the frame became a setting lack it, and their frames all had the ego at 0.3."""
+        if recorded.get("backend") == "highway":
+            return {**recorded, "frame_ego_position": recorded.get("frame_ego_position", 0.3)}
+        return recorded
 
     @property
     def vector_size(self) -> int:

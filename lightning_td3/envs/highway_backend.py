@@ -81,12 +81,12 @@ EGO_CLEAR_BEHIND_M = 20.0
 EGO_CLEAR_AHEAD_M = 30.0
 
 # --- Rendering -----------------------------------------------------------------------------------------
-FRAME_CENTERING = (0.3, 0.5)  # ego at 30 % of the width: the frame shows mostly the road ahead
 GRAYSCALE_WEIGHTS = np.array([0.2989, 0.5870, 0.1140])  # ITU-R 601 luma, as highway-env's GrayscaleObservation
 # Dark green (luma ~53): far from the road's grey (100) and the IDM cars' light blue (~176).
 EGO_COLOR = (0, 90, 0)
 TOP_VIEW_SIZE = (600, 150)  # (width, height), highway-env's default render
 TOP_VIEW_PIXELS_PER_METER = 5.5
+TOP_VIEW_EGO_POSITION = 0.3  # across the top view's width, as env.frame_ego_position is for the frames
 
 
 @dataclass
@@ -396,10 +396,10 @@ def _wrap_to_pi(angle: float) -> float:
     return (angle + math.pi) % (2 * math.pi) - math.pi
 
 
-def _offscreen_surface(size: tuple[int, int], pixels_per_meter: float) -> WorldSurface:
+def _offscreen_surface(size: tuple[int, int], pixels_per_meter: float, ego_position: float) -> WorldSurface:
     surface = WorldSurface(size, 0, pygame.Surface(size))
     surface.scaling = pixels_per_meter
-    surface.centering_position = list(FRAME_CENTERING)
+    surface.centering_position = [ego_position, 0.5]  # the ego mid-height
     return surface
 
 
@@ -416,8 +416,10 @@ class HighwayBackend:
         )
         self.dt = 1.0 / config.policy_frequency_hz
         self._substeps = max(int(round(SIMULATION_FREQUENCY_HZ * self.dt)), 1)
-        self._frame_surface = _offscreen_surface((config.image_size, config.image_size), config.pixels_per_meter)
-        self._top_view_surface = _offscreen_surface(TOP_VIEW_SIZE, TOP_VIEW_PIXELS_PER_METER)
+        self._frame_surface = _offscreen_surface(
+            (config.image_size, config.image_size), config.pixels_per_meter, config.frame_ego_position
+        )
+        self._top_view_surface = _offscreen_surface(TOP_VIEW_SIZE, TOP_VIEW_PIXELS_PER_METER, TOP_VIEW_EGO_POSITION)
         self._track: _Track | None = None
         self._road: _TrackRoad | None = None
         self._ego: Vehicle | None = None
