@@ -15,6 +15,8 @@ LAYOUTS = ("straight", "curvy")
 SCENARIOS = {0: "light", 1: "medium", 2: "dense"}
 IMAGE_SIZE = 84
 FRAME_STACK = 4
+# Where every highway frame put the ego before env.frame_ego_position existed: what a camera record without it means.
+UNRECORDED_FRAME_EGO_POSITION = 0.3
 
 
 @dataclass
@@ -246,10 +248,10 @@ class EnvConfig:
 
     @staticmethod
     def complete_camera(recorded: dict) -> dict:
-        """A checkpoint's camera record as `camera` gives it now: highway records written before the ego's place in
-        the frame became a setting lack it, and their frames all had the ego at 0.3."""
+        """A checkpoint's camera record as `camera` gives it now (highway records written before the ego's place in
+        the frame became a setting lack it)."""
         if recorded.get("backend") == "highway":
-            return {**recorded, "frame_ego_position": recorded.get("frame_ego_position", 0.3)}
+            return {**recorded, "frame_ego_position": recorded.get("frame_ego_position", UNRECORDED_FRAME_EGO_POSITION)}
         return recorded
 
     @property
