@@ -140,7 +140,8 @@ def test_the_agent_keeps_the_camera_it_learned_from_and_refuses_frames_of_anothe
     unplaced = torch.load(exported, weights_only=True)
     del unplaced[ACTOR_ONLY_KEY]["camera"]["frame_ego_position"]
     torch.save(unplaced, tmp_path / "unplaced.ckpt")
-    result = cli.main(["validate", "--config", str(run_dir / "tiny.yaml"), "--ckpt_path", str(tmp_path / "unplaced.ckpt")])
+    result = cli.main(["validate", "--config", str(run_dir / "tiny.yaml"),
+                       "--ckpt_path", str(tmp_path / "unplaced.ckpt")])
     assert "eval/success_rate" in result.trainer.callback_metrics
     with pytest.raises(UserError, match=r"learned from frames of .*'frame_ego_position': 0.3.* but data.env gives "
                                         r"frames of .*'frame_ego_position': 0.12"):
