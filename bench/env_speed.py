@@ -36,7 +36,7 @@ def raw_env(config: EnvConfig, vehicles: int, limits: VehicleLimits) -> HighwayE
                 "stack_size": 4,
                 "weights": hb.GRAYSCALE_WEIGHTS.tolist(),
                 "scaling": config.pixels_per_meter,
-                "centering_position": [config.frame_ego_position, 0.5],
+                "centering_position": hb.view_centering(config.frame_ego_position),
             },
             "action": {
                 "type": "ContinuousAction",

@@ -396,10 +396,15 @@ def _wrap_to_pi(angle: float) -> float:
     return (angle + math.pi) % (2 * math.pi) - math.pi
 
 
+def view_centering(ego_position: float) -> list[float]:
+    """highway-env's `centering_position` of a view with the ego at `ego_position` across its width, mid-height."""
+    return [ego_position, 0.5]
+
+
 def _offscreen_surface(size: tuple[int, int], pixels_per_meter: float, ego_position: float) -> WorldSurface:
     surface = WorldSurface(size, 0, pygame.Surface(size))
     surface.scaling = pixels_per_meter
-    surface.centering_position = [ego_position, 0.5]  # the ego mid-height
+    surface.centering_position = view_centering(ego_position)
     return surface
 
 
