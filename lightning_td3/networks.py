@@ -71,7 +71,11 @@ def mlp(in_size: int, hidden_sizes: tuple[int, ...], out_size: int, layer_norm: 
 
 
 class Actor(nn.Module):
-    """(image, vector) -> action in (-1, 1)^action_size."""
+    """(image, vector) -> action in (-1, 1)^action_size.
+
+    `critic_only_vector`: the vector's last entries that the actor never reads (asymmetric actor-critic: what the
+    critics may learn from in training but the driving policy must do without).
+    """
 
     def __init__(
         self,
@@ -81,13 +85,16 @@ class Actor(nn.Module):
         feature_size: int = 512,
         layer_norm: bool = False,
         bf16_cnn: bool = False,
+        critic_only_vector: int = 0,
     ):
         super().__init__()
+        self.read_vector_size = vector_size - critic_only_vector
         self.cnn = NatureCNN(feature_size=feature_size, bf16=bf16_cnn)
-        self.head = mlp(feature_size + vector_size, tuple(hidden_sizes), action_size, layer_norm)
+        self.head = mlp(feature_size + self.read_vector_size, tuple(hidden_sizes), action_size, layer_norm)
 
     def forward(self, image: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.head(torch.cat([self.cnn(image), vector], dim=1)))
+        read = vector[:, : self.read_vector_size]
+        return torch.tanh(self.head(torch.cat([self.cnn(image), read], dim=1)))
 
 
 class TwinCritic(nn.Module):

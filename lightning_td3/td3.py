@@ -33,7 +33,7 @@ from lightning_td3.networks import Actor, TwinCritic
 from lightning_td3.per_process import gather_per_process, own_state
 
 CHECKPOINT_KEY = "td3_progress"
-ARCHITECTURE_HPARAMS = ("vector_size", "hidden_sizes", "layer_norm")  # what decides the weights' shapes
+ARCHITECTURE_HPARAMS = ("vector_size", "hidden_sizes", "layer_norm", "critic_only_vector")  # what decides the weights' shapes
 # The device-side record of skipped updates (`TD3._nonfinite`), one int64 each: skipped updates in all, the
 # current streak of them, the update where that streak began, the start of the first streak that reached
 # `max_nonfinite_updates` (-1: none yet), and the update under way.
@@ -126,6 +126,10 @@ class TD3(DrivingModule):
             resumed run goes on where it stood) to `final_lr_fraction` of `actor_lr` and `critic_lr`, then hold
             them there. 0: constant learning rates (the seed).
         final_lr_fraction: where the decay ends, as a fraction of the starting learning rates.
+        critic_only_vector: the vector's last this many entries are read by the critics only (asymmetric
+            actor-critic): with `data.env.observe_leader`, 2 lets the critics judge the gap to the car ahead while
+            the actor, the policy that drives and is shipped, sees the frames and the route alone. 0: the actor
+            reads the whole vector (the seed).
         cuda_graph: record the whole update (forward, backward, clipping, Adam, Polyak, skip counters) as CUDA
             graphs after a few eager warm-up updates and replay them: a handful of host calls per update instead
             of hundreds of kernel launches. One CUDA device only; not with `compile` or mixed-precision trainers.
@@ -154,6 +158,7 @@ class TD3(DrivingModule):
         image_shift: int = 0,
         lr_decay_updates: int = 0,
         final_lr_fraction: float = 0.1,
+        critic_only_vector: int = 0,
     ) -> None:
         super().__init__()
         require(0.0 <= gamma < 1.0, "model.gamma", "in [0, 1)", gamma)
@@ -174,12 +179,16 @@ class TD3(DrivingModule):
             "an integer >= 0 (0: constant learning rates)", lr_decay_updates,
         )
         require(0.0 <= final_lr_fraction <= 1.0, "model.final_lr_fraction", "in [0, 1]", final_lr_fraction)
+        require(
+            isinstance(critic_only_vector, int) and 0 <= critic_only_vector <= vector_size, "model.critic_only_vector",
+            f"an integer in 0..vector_size={vector_size}", critic_only_vector,
+        )
         # torch.compile brings its own CUDA graphs (mode="reduce-overhead"); the two do not nest.
         require(not (cuda_graph and compile), "model.cuda_graph", "false when model.compile is true", cuda_graph)
         self.save_hyperparameters()
         self.automatic_optimization = False
         sizes = dict(vector_size=vector_size, hidden_sizes=tuple(hidden_sizes), layer_norm=layer_norm)
-        self.actor = Actor(**sizes, bf16_cnn=bf16_cnn)
+        self.actor = Actor(**sizes, bf16_cnn=bf16_cnn, critic_only_vector=critic_only_vector)
         self.critic = TwinCritic(**sizes, bf16_cnn=bf16_cnn)
         if channels_last:
             self.actor.to(memory_format=torch.channels_last)

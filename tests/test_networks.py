@@ -38,6 +38,20 @@ def test_custom_sizes_and_layer_norm():
     assert not any(isinstance(m, nn.LayerNorm) for m in Actor(VECTOR_SIZE).modules())
 
 
+def test_the_actor_never_reads_the_critic_only_entries_which_the_critics_do():
+    image, vector, action = batch()
+    actor = Actor(VECTOR_SIZE, critic_only_vector=2)
+    critic = TwinCritic(VECTOR_SIZE)
+    assert actor.head[0].in_features == 512 + VECTOR_SIZE - 2
+    other_tail = vector.clone()
+    other_tail[:, -2:] += 3.0
+    torch.testing.assert_close(actor(image, other_tail), actor(image, vector), rtol=0, atol=0)
+    assert not torch.allclose(critic(image, other_tail, action)[0], critic(image, vector, action)[0])
+    changed_route = vector.clone()
+    changed_route[:, -3] += 3.0  # the entry before the tail is still the actor's
+    assert not torch.allclose(actor(image, changed_route), actor(image, vector))
+
+
 def test_uint8_pixels_are_scaled_to_minus_one_one_inside_the_network():
     cnn = NatureCNN()
     seen = []

@@ -9,7 +9,8 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_td3.errors import ConfigError, TrainingAborted
+from lightning_td3.errors import CheckpointError, ConfigError, TrainingAborted
+from lightning_td3.export import ACTOR_ONLY_KEY
 from lightning_td3.td3 import (
     TD3,
     clipped_double_q_target,
@@ -180,10 +181,47 @@ def test_image_shift_feeds_the_update_shifted_obs_and_next_obs_stacks():
         assert any(offset != (0, 0) for offset in offsets)
 
 
+def test_the_actor_learns_through_critics_that_read_what_it_cannot():
+    """Asymmetric actor-critic: batches that differ only in the critic-only entries ask the same actions of the
+    actor, and its update still differs, since the critics it follows judge those actions by those entries."""
+    torch.manual_seed(0)
+    module = TD3(vector_size=VECTOR, hidden_sizes=(32,), critic_only_vector=2)
+    twin = TD3(vector_size=VECTOR, hidden_sizes=(32,), critic_only_vector=2)
+    twin.load_state_dict(module.state_dict())
+    batch = fixed_batch()
+    other_tail = {**batch, "vector": batch["vector"].clone(), "next_vector": batch["next_vector"].clone()}
+    other_tail["vector"][:, -2:] += 3.0
+    other_tail["next_vector"][:, -2:] += 3.0
+    with torch.no_grad():
+        actions = module.actor(batch["image"], batch["vector"])
+        torch.testing.assert_close(module.actor(batch["image"], other_tail["vector"]), actions, rtol=0, atol=0)
+    actor_before = snapshot(module.actor)
+    for network, data in ((module, batch), (twin, other_tail)):
+        torch.manual_seed(1)  # the same target smoothing noise
+        pl.Trainer(
+            max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        ).fit(network, train_dataloaders=iter([data]))
+    assert changed(actor_before, module.actor)
+    assert any(not torch.equal(a, b) for a, b in zip(module.actor.parameters(), twin.actor.parameters()))
+
+
+def test_an_actor_trained_without_the_critic_only_entries_is_refused_naming_the_setting():
+    trained = TD3(vector_size=VECTOR, hidden_sizes=(32,), critic_only_vector=2)
+    exported = {
+        "state_dict": {name: value for name, value in trained.state_dict().items() if name.startswith("actor.")},
+        ACTOR_ONLY_KEY: {"hyper_parameters": dict(trained.hparams), "env_steps": 0, "camera": None},
+    }
+    with pytest.raises(CheckpointError, match=r"shape \(32, 564\), this model \(32, 566\).*'critic_only_vector': 2\}"
+                                              r".*'critic_only_vector': 0\}"):
+        TD3(vector_size=VECTOR, hidden_sizes=(32,)).on_load_checkpoint(exported)
+
+
 @pytest.mark.parametrize(
     "field,value",
     [("gamma", 1.0), ("tau", 0.0), ("policy_delay", 0), ("image_shift", -1), ("image_shift", 42),
-     ("lr_decay_updates", -1), ("lr_decay_updates", 2.5), ("final_lr_fraction", 1.5)],
+     ("lr_decay_updates", -1), ("lr_decay_updates", 2.5), ("final_lr_fraction", 1.5),
+     ("critic_only_vector", -1), ("critic_only_vector", VECTOR + 1)],
 )
 def test_bad_hyper_parameters_are_rejected_with_the_field_name(field, value):
     with pytest.raises(ValueError, match=f"model.{field}"):
