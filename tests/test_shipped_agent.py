@@ -36,6 +36,9 @@ SHIPPED_AGENTS = {
     "cpu_scenario1_curvy_headway": ("h100", {}),  # the same env; its headway term changes the reward alone
     "cpu_scenario1_curvy_drq": ("h100", {}),  # the same env and reward as the headway agent's
     "cpu_scenario1_curvy_radar": ("h100", {"observe_leader": True}),  # the car ahead in its vector too
+    # The car ahead in the vector for its critics alone; the close-up camera of cpu_scenario1_curvy_closeup.yaml
+    "cpu_scenario1_curvy_asymmetric": ("h100", {"observe_leader": True, "pixels_per_meter": 2.5,
+                                                "frame_ego_position": 0.12}),
     "h100_scenario2": ("h100", {"scenario": 2, "layout": "straight"}),
 }
 
@@ -265,3 +268,41 @@ def test_episode_gif_has_one_frame_per_observation(trained, tmp_path):
     assert first.shape == last.shape and not np.array_equal(first, last)
     tiny_env = env_config_of(run_dir / "tiny.yaml")
     assert image.info["duration"] == 1000 // tiny_env.policy_frequency_hz  # plays in real time
+
+
+class _WithoutTheCarAhead:
+    """A policy that hands its own policy every observation with the car-ahead entries replaced (gap: none in range,
+    not closing)."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def reset(self, seed: int) -> None:
+        self.policy.reset(seed)
+
+    def act(self, observation, env):
+        vector = observation["vector"].copy()
+        vector[-2:] = 1.0, 0.0
+        return self.policy.act({**observation, "vector": vector}, env)
+
+
+def test_the_shipped_asymmetric_agent_drives_without_reading_the_car_ahead():
+    """Its critics read the gap and closing speed in training; the shipped actor drives the same episodes with them
+    taken away, so what it shows is driving from the frames and the route."""
+    name = "cpu_scenario1_curvy_asymmetric"
+    config_name, env_overrides = SHIPPED_AGENTS[name]
+    agent = TD3.load_from_checkpoint(ROOT / "agents" / f"td3_{name}.ckpt", map_location="cpu")
+    assert agent.hparams.critic_only_vector == 2
+    env_config = env_config_of(ROOT / "configs" / "experiments" / f"{config_name}.yaml", **env_overrides)
+    seeds = [50000, 50001]
+    with torch.no_grad():
+        driven = evaluate(agent.policy(), env_config, seeds)
+        blind = evaluate(_WithoutTheCarAhead(agent.policy()), env_config, seeds)
+    assert blind == driven
+    assert driven["eval/route_completion"] > 0.9
+    # The same change to the observations does change the driving of an actor that reads them (row (i)'s).
+    reader = TD3.load_from_checkpoint(ROOT / "agents" / "td3_cpu_scenario1_curvy_radar.ckpt", map_location="cpu")
+    reader_env = env_config_of(ROOT / "configs" / "experiments" / "h100.yaml", observe_leader=True)
+    with torch.no_grad():
+        assert evaluate(_WithoutTheCarAhead(reader.policy()), reader_env, seeds) != evaluate(
+            reader.policy(), reader_env, seeds)
