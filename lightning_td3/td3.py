@@ -33,7 +33,8 @@ from lightning_td3.networks import Actor, TwinCritic
 from lightning_td3.per_process import gather_per_process, own_state
 
 CHECKPOINT_KEY = "td3_progress"
-ARCHITECTURE_HPARAMS = ("vector_size", "hidden_sizes", "layer_norm", "critic_only_vector")  # what decides the weights' shapes
+# What decides the weights' shapes.
+ARCHITECTURE_HPARAMS = ("vector_size", "hidden_sizes", "layer_norm", "critic_only_vector")
 # The device-side record of skipped updates (`TD3._nonfinite`), one int64 each: skipped updates in all, the
 # current streak of them, the update where that streak began, the start of the first streak that reached
 # `max_nonfinite_updates` (-1: none yet), and the update under way.
