@@ -12,6 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 import cli
 from lightning_td3 import crashes
 from lightning_td3.baselines import RandomPolicy
+from lightning_td3.envs import EnvConfig
 from lightning_td3.errors import CheckpointError, UserError
 from lightning_td3.evaluation import evaluate
 from lightning_td3.export import ACTOR_ONLY_KEY, export_actor
@@ -198,16 +199,20 @@ def test_export_refuses_a_file_that_is_not_a_td3_checkpoint(tmp_path):
     assert not (tmp_path / "out.ckpt").exists()
 
 
+def shipped_agent(name: str) -> tuple[TD3, EnvConfig]:
+    """agents/td3_<name>.ckpt, loaded, and the env it drives in (SHIPPED_AGENTS)."""
+    config_name, env_overrides = SHIPPED_AGENTS[name]
+    agent = TD3.load_from_checkpoint(ROOT / "agents" / f"td3_{name}.ckpt", map_location="cpu")
+    return agent, env_config_of(ROOT / "configs" / "experiments" / f"{config_name}.yaml", **env_overrides)
+
+
 @pytest.mark.parametrize("name", SHIPPED_AGENTS)
 def test_the_shipped_agent_is_small_and_drives_on_held_out_seeds(name):
-    config_name, env_overrides = SHIPPED_AGENTS[name]
     path = ROOT / "agents" / f"td3_{name}.ckpt"
     shipped = torch.load(path, weights_only=True)
     assert path.stat().st_size < 5 * 2**20
     assert {value.dtype for value in shipped["state_dict"].values()} == {torch.float16}
-    agent = TD3.load_from_checkpoint(path, map_location="cpu")
-    config = ROOT / "configs" / "experiments" / f"{config_name}.yaml"
-    env_config = env_config_of(config, **env_overrides)
+    agent, env_config = shipped_agent(name)
     seeds = [50000, 50001]
     with torch.no_grad():
         driven = evaluate(agent.policy(), env_config, seeds)
@@ -289,11 +294,8 @@ class _WithoutTheCarAhead:
 def test_the_shipped_asymmetric_agent_drives_without_reading_the_car_ahead():
     """Its critics read the gap and closing speed in training; the shipped actor drives the same episodes with them
     taken away, so what it shows is driving from the frames and the route."""
-    name = "cpu_scenario1_curvy_asymmetric"
-    config_name, env_overrides = SHIPPED_AGENTS[name]
-    agent = TD3.load_from_checkpoint(ROOT / "agents" / f"td3_{name}.ckpt", map_location="cpu")
+    agent, env_config = shipped_agent("cpu_scenario1_curvy_asymmetric")
     assert agent.hparams.critic_only_vector == 2
-    env_config = env_config_of(ROOT / "configs" / "experiments" / f"{config_name}.yaml", **env_overrides)
     seeds = [50000, 50001]
     with torch.no_grad():
         driven = evaluate(agent.policy(), env_config, seeds)
@@ -301,8 +303,7 @@ def test_the_shipped_asymmetric_agent_drives_without_reading_the_car_ahead():
     assert blind == driven
     assert driven["eval/route_completion"] > 0.9
     # The same change to the observations does change the driving of an actor that reads them (row (i)'s).
-    reader = TD3.load_from_checkpoint(ROOT / "agents" / "td3_cpu_scenario1_curvy_radar.ckpt", map_location="cpu")
-    reader_env = env_config_of(ROOT / "configs" / "experiments" / "h100.yaml", observe_leader=True)
+    reader, reader_env = shipped_agent("cpu_scenario1_curvy_radar")
     with torch.no_grad():
         assert evaluate(_WithoutTheCarAhead(reader.policy()), reader_env, seeds) != evaluate(
             reader.policy(), reader_env, seeds)

@@ -198,10 +198,7 @@ def test_the_actor_learns_through_critics_that_read_what_it_cannot():
     actor_before = snapshot(module.actor)
     for network, data in ((module, batch), (twin, other_tail)):
         torch.manual_seed(1)  # the same target smoothing noise
-        pl.Trainer(
-            max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False,
-        ).fit(network, train_dataloaders=iter([data]))
+        fit_on(network, data)
     assert changed(actor_before, module.actor)
     assert any(not torch.equal(a, b) for a, b in zip(module.actor.parameters(), twin.actor.parameters()))
 
