@@ -1,17 +1,18 @@
 """Command line: `python cli.py fit|validate|test --config configs/<file>.yaml`; `--help` lists every option."""
 
 import sys
-import warnings
 
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.replay import ReplayDataModule
+from lightning_td3 import runs
+from lightning_td3.config_files import check_config_files
 from lightning_td3.driving_module import DrivingModule
 from lightning_td3.errors import StopRequested, UserError
 from lightning_td3.fault_tolerance import FaultTolerance
+from lightning_td3.quiet import quiet_library_noise
 
-# TD3 pulls its batches itself (exact resume needs sampling at update time); Lightning calls that experimental.
-warnings.filterwarnings("ignore", message=".*`dataloader_iter`.*")
+quiet_library_noise()
 
 
 class ShortErrorParser(LightningArgumentParser):
@@ -28,9 +29,46 @@ class DrivingCLI(LightningCLI):
         # Always on, configurable under `fault_tolerance:`.
         parser.add_lightning_class_args(FaultTolerance, "fault_tolerance")
 
-    def before_fit(self) -> None:
+    def parse_arguments(self, parser, args) -> None:
+        check_config_files(sys.argv[1:] if args is None else args)  # a YAML error named with its file
+        super().parse_arguments(parser, args)
+        # Before Lightning reads the checkpoint (it loads its hyper-parameters right after parsing).
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else None
+        if config is not None and config.get("ckpt_path"):
+            config.ckpt_path, checkpoint = runs.resolve_checkpoint(config)
+            if subcommand == "fit":
+                runs.continue_logging(config, checkpoint)
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand in ("validate", "test"):  # evaluation prints its table and leaves no run folder behind
+            self.config[self.subcommand].trainer.logger = False
+            self.save_config_callback = None
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        # First, so that its on_fit_start, which marks the end of setup and restore, comes before the warm-up.
+        callbacks = self.trainer.callbacks
+        callbacks.insert(0, callbacks.pop(callbacks.index(self._fault_tolerance())))
+
+    def fit(self, model, **kwargs) -> None:
+        created = runs.new_log_dir(self.trainer)
+        try:
+            self._fault_tolerance().check_outputs(self.trainer, self.model, self.datamodule)
+            with runs.resuming_in_place(kwargs.get("ckpt_path")):
+                self.trainer.fit(model, **kwargs)
+        except BaseException:
+            if not self._fault_tolerance().fit_started:
+                runs.remove_unused_log_dir(created)
+            raise
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(runs.fit_summary(self.trainer), flush=True)
+
+    def _fault_tolerance(self) -> FaultTolerance:
         (fault_tolerance,) = (c for c in self.trainer.callbacks if isinstance(c, FaultTolerance))
-        fault_tolerance.check_outputs(self.trainer, self.model, self.datamodule)
+        return fault_tolerance
 
 
 def main(args=None, run: bool = True) -> LightningCLI:

@@ -40,6 +40,18 @@ class ReplayStream(IterableDataset):
             yield {key: torch.as_tensor(value) for key, value in self.buffer.sample(self.batch_size, self.rng).items()}
 
 
+class ReplayLoader(DataLoader):
+    """The replay stream's loader. It has no position to resume: each batch is drawn afresh by the sampler's RNG,
+    which is saved with the buffer in the replay file. Its state is therefore empty, and saying so keeps Lightning
+    from warning at every mid-epoch resume that the loader cannot resume."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
 class ReplayDataModule(pl.LightningDataModule):
     """Where the agent's data comes from: `num_envs` training envs feeding a replay buffer, and evaluation episodes.
 
@@ -132,7 +144,7 @@ class ReplayDataModule(pl.LightningDataModule):
         on_device = self.device_replay is not None
         stream = ReplayStream(self.device_replay if on_device else self.buffer, self.batch_size, self._sampler_rng)
         # Batches gathered on the device have nothing to pin.
-        return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=self.pin_memory and not on_device)
+        return ReplayLoader(stream, batch_size=None, num_workers=0, pin_memory=self.pin_memory and not on_device)
 
     def val_dataloader(self) -> DataLoader:
         return self._episodes(self.eval_seed)
@@ -195,16 +207,26 @@ class ReplayDataModule(pl.LightningDataModule):
             candidates.insert(0, Path(self.trainer.ckpt_path).parent / "replay" / name)
         path = next((p for p in candidates if p.exists()), None)
         if path is None:
+            directories = list(dict.fromkeys(candidate.parent for candidate in candidates))
+            # Keys (the session's start time, then a save count) sort as they were written: a newer file of this rank
+            # means this one was pruned, none means it was lost.
+            if any(shard.name > name for d in directories for shard in shards_of_rank(d, rank, world_size)):
+                raise CheckpointError(
+                    f"replay file {candidates[-1]} is missing: only the newest data.replay_files_kept="
+                    f"{self.replay_files_kept} replay files are kept, so older checkpoints validate and test but "
+                    "cannot resume; resume from a newer one (e.g. last.ckpt beside it)"
+                )
             raise CheckpointError(
-                f"replay file {candidates[-1]} is missing: only the newest data.replay_files_kept="
-                f"{self.replay_files_kept} replay files are kept; older checkpoints validate and test but cannot resume"
+                f"replay file {name} of this checkpoint is missing from {' and '.join(map(str, directories))}: a "
+                "checkpoint resumes training only with the replay/ folder written beside it; keep or copy replay/ "
+                "together with the checkpoint (validate and test need no replay)"
             )
         extra = load_shard(path, self.buffer, record["key"], rank, world_size)
         saved_servers = extra.get("ring_servers")  # absent from shards written before servers were recorded
         if saved_servers is not None and saved_servers != self._ring_servers():
             raise CheckpointError(
                 f"process {rank}'s replay rings were filled from the CARLA servers {saved_servers}, and "
-                f"env.carla.servers now gives it {self._ring_servers()}; resume with the same server list (a dead "
+                f"data.env.carla.servers now gives it {self._ring_servers()}; resume with the same server list (a dead "
                 "server may stay in it: it is left out with a warning)"
             )
         self._sampler_rng.bit_generator.state = extra["sampler_rng"]

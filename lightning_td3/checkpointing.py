@@ -83,7 +83,7 @@ def save_last_checkpoint(trainer) -> Path:
         # a versioned last-v1.ckpt beside it.
         path = Path(callback.last_model_path or path)
         callback.last_model_path = str(path)
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=False)  # the full state, as ModelCheckpoint writes it
     return path
 
 

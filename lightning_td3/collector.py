@@ -50,6 +50,9 @@ from lightning_td3.per_process import gather_per_process, own_state
 from lightning_td3.seeding import stream_rng, stream_seed
 
 WARMUP_REPORT_EVERY = 1000  # env steps between warm-up progress lines
+# What the Collector shows in the progress bar that counts: Lightning logs every value as a float, the bar shows
+# these as whole numbers (`lightning_td3.progress.ProgressBar`).
+COUNTERS = ("env_steps", "episodes")
 EPISODE_INFO = [field.name for field in fields(EpisodeResult)]  # what a finished env's final info must carry
 
 
@@ -152,7 +155,7 @@ class Collector(pl.Callback):
             self._collect(trainer, module, wait=not self.overlap)
         stop_together(trainer, module, self._gave_up)  # between updates: the last one complete, the next not begun
         module.log_dict(
-            {"env_steps": float(module.run_env_steps), "episodes": float(module.run_episodes),
+            {"env_steps": float(module.run_env_steps), "episodes": float(module.run_episodes),  # see COUNTERS
              "sps": self._steps_per_second(module), "last_return": self._last_return},
             prog_bar=True, on_step=True, on_epoch=False, batch_size=1,
         )

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import signal
 import sys
@@ -31,6 +30,7 @@ from lightning_td3.checkpointing import AtomicCheckpointIO, save_last_checkpoint
 from lightning_td3.errors import StopRequested, StorageError, TrainingAborted, require
 from lightning_td3.per_process import gather_per_process
 from lightning_td3.replay import ReplayBuffer
+from lightning_td3.runs import cli_command, record_log_dir
 
 GB = 1e9
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -74,7 +74,7 @@ def stop_together(trainer: pl.Trainer, module, failure: str | None = None, busy:
         together = f" All {len(reasons)} processes stopped together." if len(reasons) > 1 else ""
         raise TrainingAborted(
             f"{descriptions}.{together} Checkpoint written to {path}; once the cause is fixed, resume with: "
-            f"{_resume_command(path)}"
+            f"{cli_command('fit', path)}"
         )
     signalled = [rank for rank, (name, _) in enumerate(reasons) if name is not None]
     received_by = None
@@ -98,6 +98,8 @@ class FaultTolerance(pl.Callback):
         require(isinstance(check_free_space, bool), "fault_tolerance.check_free_space", "true or false",
                 check_free_space)
         self.check_free_space = check_free_space
+        # Whether this fit got past its setup and checkpoint restore (see `on_fit_start`).
+        self.fit_started = False
         self._previous_handlers: dict[int, object] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -116,6 +118,14 @@ class FaultTolerance(pl.Callback):
         if self.check_free_space:
             _check_free_space(checkpoint_dir, module, data)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        # Set up and restored: what fails from here on failed while training (the CLI keeps its log folder). The
+        # CLI puts this callback first, so that this comes before the Collector's warm-up.
+        self.fit_started = True
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
+        record_log_dir(trainer, checkpoint)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
         # Lightning put its own SIGTERM handler in front of ours after setup; it would end the run at the end of the
         # batch with a bare SystemExit and no checkpoint. Ours takes SIGTERM back.
@@ -124,7 +134,7 @@ class FaultTolerance(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, StopRequested):
             exception.checkpoint = save_last_checkpoint(trainer)
-            exception.resume_command = _resume_command(exception.checkpoint)
+            exception.resume_command = cli_command("fit", exception.checkpoint)
 
     def teardown(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
         global _stop_request
@@ -173,10 +183,16 @@ def _probe_write(directory: Path, role: str) -> None:
             os.fsync(file.fileno())
         probe.unlink()
     except OSError as why:
+        # mkdir says only "File exists" or "Not a directory" when the directory, or one above it, is a plain file.
+        in_the_way = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+        problem = (
+            f": {in_the_way} is a file, not a directory; remove or rename it,"
+            if in_the_way is not None
+            else f" ({why.strerror or why}); fix its permissions"
+        )
         raise StorageError(
-            f"the {role} directory {directory} is not writable ({why.strerror or why}); "
-            "fix its permissions or point the run elsewhere (trainer.default_root_dir, the logger's save_dir, "
-            "ModelCheckpoint's dirpath)"
+            f"the {role} directory {directory} is not writable{problem} or point the run elsewhere "
+            "(trainer.default_root_dir, the logger's save_dir, ModelCheckpoint's dirpath)"
         ) from None
 
 
@@ -199,13 +215,3 @@ def _check_free_space(directory: Path, module: pl.LightningModule, data) -> None
             f"other, {replay_bytes / GB:.2f} GB of replay files at data.buffer_capacity={data.buffer_capacity}); "
             "free space, write elsewhere, lower data.buffer_capacity, or set fault_tolerance.check_free_space: false"
         )
-
-
-def _resume_command(checkpoint: Path) -> str:
-    """This run's command line with `--ckpt_path <checkpoint>`, or a generic one when not run from cli.py."""
-    arguments = list(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("cli.py") else ["fit", "--config", "..."]
-    if "--ckpt_path" in arguments:
-        index = arguments.index("--ckpt_path")
-        del arguments[index:index + 2]
-    arguments = [a for a in arguments if not a.startswith("--ckpt_path=")]
-    return shlex.join(["python", "cli.py", *arguments, "--ckpt_path", str(checkpoint)])

@@ -6,8 +6,9 @@
 
 The curve reads the run's own TensorBoard scalars (logged against env steps) and its saved config; the baselines
 are evaluated on the very episodes the run was validated on, through the same harness, so the lines compare like
-with like. A resumed run logs into a new version_<n> directory: give the run's directories in the order they ran,
-and the curve continues across them. The GIF shows what the networks see (the 4-frame camera stack) above a top view
+with like. A resumed run goes on logging in its own version_<n> folder; one whose checkpoint did not record that
+folder (written before it was kept) logs into a new one: give the run's folders in the order they ran, and the curve
+continues across them. The GIF shows what the networks see (the 4-frame camera stack) above a top view
 of the road.
 Needs matplotlib (`pip install -e ".[figures]"`).
 """

@@ -98,7 +98,7 @@ class TD3(DrivingModule):
     """TD3 with separate actor and critic NatureCNNs.
 
     Args:
-        vector_size: length of the vector observation; must be `data.env`'s (checked at setup).
+        vector_size: length of the vector observation; must be `data.env`'s (checked before any env runs).
         hidden_sizes: hidden layers of the actor and critic heads.
         layer_norm: LayerNorm in the heads (stabilises Q-learning from pixels).
         actor_lr: Adam learning rate of the actor (and its CNN).
@@ -219,6 +219,9 @@ class TD3(DrivingModule):
         # The env's `camera` the networks learned from: set by fit, kept in checkpoints and exports (None: unknown,
         # e.g. a checkpoint written before it was kept).
         self.trained_camera: dict | None = None
+        # The weights (and vector_size, with them) are a checkpoint's: an env that does not fit them is the env's
+        # fault, not the setting's.
+        self.from_checkpoint = False
         # The Collector's training episodes finished since they were last logged.
         self.train_episode_metrics = EvaluationMetrics(prefix="train/")
 
@@ -226,10 +229,21 @@ class TD3(DrivingModule):
         """Refuse an env whose vector these networks cannot read, or whose frames they did not learn from, before
         any episode runs."""
         if env.vector_size != self.hparams.vector_size:
+            gives = (
+                f"data.env gives vectors of {env.vector_size} (4 + 2 x num_waypoints={env.num_waypoints}, + 2 with "
+                f"observe_leader={env.observe_leader})"
+            )
+            if not self.from_checkpoint:
+                raise ConfigError(
+                    f"model.init_args.vector_size is {self.hparams.vector_size} but {gives}; set "
+                    f"model.init_args.vector_size: {env.vector_size}"
+                )
+            # Trained weights read only vectors of their size: the env must change, not the setting.
+            options = _env_options_giving(self.hparams.vector_size, env)
             raise ConfigError(
-                f"model.init_args.vector_size is {self.hparams.vector_size} but data.env gives vectors of "
-                f"{env.vector_size} (4 + 2 x num_waypoints={env.num_waypoints}, + 2 with observe_leader="
-                f"{env.observe_leader}); set vector_size: {env.vector_size}, or give the env it was trained on"
+                f"the agent in {self._checkpoint_name()} was trained on vectors of {self.hparams.vector_size} but "
+                f"{gives}: give the env it was trained on (its run's config)"
+                + (f", e.g. {' or '.join(options)}" if options else "")
             )
         if self.trained_camera is not None and env.camera != self.trained_camera:
             raise ConfigError(
@@ -238,17 +252,20 @@ class TD3(DrivingModule):
             )
 
     def setup(self, stage: str) -> None:
+        # The env is checked later (`_require_attached_env`): with --ckpt_path, the weights it must fit are read
+        # after setup, and the CLI has taken vector_size from the checkpoint.
         env = self._attached_env()
-        if env is not None:
-            if stage == "fit":
-                self.trained_camera = env.camera  # a resumed checkpoint's record replaces it and is checked
-            self.require_env(env)
+        if env is not None and stage == "fit":
+            self.trained_camera = env.camera  # a resumed checkpoint's record replaces it and is checked
         if isinstance(self.trainer.strategy, DDPStrategy):
             _let_ddp_find_unused_parameters(self.trainer.strategy)
         if self.hparams.cuda_graph and stage == "fit":
             self._check_cuda_graph_fits()
 
     def configure_optimizers(self):
+        # Fit's env check (see `setup`): its first hook after any checkpoint is restored, before the Collector steps
+        # an env.
+        self._require_attached_env()
         # Fused Adam (one kernel for all parameters) exists for CUDA and CPU tensors alike. Capturable: its step
         # may be recorded in a CUDA graph (model.cuda_graph); its step counts live on the device either way.
         capturable = self.hparams.cuda_graph
@@ -387,6 +404,7 @@ class TD3(DrivingModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.from_checkpoint = True
         if ACTOR_ONLY_KEY in checkpoint:
             self._load_shipped_actor(checkpoint)
             return
@@ -410,6 +428,12 @@ class TD3(DrivingModule):
             torch.cuda.set_rng_state_all(rng["cuda"])
         np.random.set_state(tensors_to_arrays(rng["numpy"]))
         random.setstate(rng["python"])
+
+    def on_validation_start(self) -> None:
+        self._require_attached_env()  # validate: after the checkpoint is restored, before the first episode
+
+    def on_test_start(self) -> None:
+        self._require_attached_env()
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._log_evaluation()
@@ -435,10 +459,13 @@ class TD3(DrivingModule):
         }
 
     def _load_trained_camera(self, record: dict) -> None:
-        """Take the checkpoint's camera and hold the attached env to it (setup ran before the checkpoint was read;
-        without a trainer, as in `load_from_checkpoint`, the caller's `require_env` does it)."""
+        """Take the checkpoint's camera and hold the attached env to it (without a trainer, as in
+        `load_from_checkpoint`, the caller's `require_env` does it)."""
         if record.get("camera") is not None:  # else (an older checkpoint) it stays as setup found it
             self.trained_camera = EnvConfig.complete_camera(record["camera"])
+        self._require_attached_env()
+
+    def _require_attached_env(self) -> None:
         env = self._attached_env()
         if env is not None:
             self.require_env(env)
@@ -655,6 +682,24 @@ class _ActorPolicy:
 
 def _batch_of_one(observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {key: value[None] for key, value in observation.items()}
+
+
+def _env_options_giving(vector_size: int, env: EnvConfig) -> list[str]:
+    """The `--data.env` options that make `env` give vectors of `vector_size` (see `EnvConfig.vector_size`): one way
+    with observe_leader on, one with it off (where num_waypoints >= 1 allows), fewest changes first. The size alone
+    cannot tell which of them the agent was trained on."""
+    fits = []
+    # observe_leader first on a tie: toggling it is the likelier difference (the shipped configs differ in it,
+    # never in num_waypoints).
+    for leader in (not env.observe_leader, env.observe_leader):
+        waypoints, odd = divmod(vector_size - 4 - (2 if leader else 0), 2)
+        if waypoints >= 1 and not odd:
+            wanted = {"observe_leader": leader, "num_waypoints": waypoints}
+            fits.append({name: value for name, value in wanted.items() if getattr(env, name) != value})
+    return [
+        " ".join(f"--data.env.{name} {str(value).lower()}" for name, value in changes.items())
+        for changes in sorted(fits, key=len)
+    ]
 
 
 def _let_ddp_find_unused_parameters(strategy: DDPStrategy) -> None:

@@ -239,6 +239,7 @@ def test_the_replay_file_records_each_rings_server_and_a_resume_keeps_that_mappi
     with pytest.warns(UserWarning, match="sim-b:2000 is left out"):
         reordered = carla_data(servers=TWO_SERVERS[::-1], root=tmp_path)
     with pytest.raises(CheckpointError, match=r"process 0's replay rings were filled from the CARLA servers "
-                                              r"\['sim-a:2000', 'sim-b:2000'\], and env\.carla\.servers now gives it "
+                                              r"\['sim-a:2000', 'sim-b:2000'\], and data\.env\.carla\.servers now "
+                                              r"gives it "
                                               r"\['sim-b:2000', 'sim-a:2000'\]"):
         reordered.load_state_dict(record)

@@ -71,7 +71,7 @@ def test_validate_from_a_checkpoint_needs_no_replay_file(trained, tmp_path, monk
     "damage, message",
     [
         (lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]), "damaged or truncated"),
-        (lambda path: path.write_bytes(b"not a checkpoint at all"), "damaged or truncated"),
+        (lambda path: path.write_bytes(b"not a checkpoint at all"), "is not a PyTorch checkpoint file"),
     ],
 )
 def test_a_damaged_checkpoint_stops_with_its_name_and_nothing_is_overwritten(trained, tmp_path, damage, message):

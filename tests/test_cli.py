@@ -82,7 +82,7 @@ def test_a_bad_setting_stops_the_cli_process_with_one_clear_line():
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert completed.returncode != 0
-    assert completed.stderr.strip().splitlines()[-1].startswith("error: env.scenario must be one of 0, 1, 2")
+    assert completed.stderr.strip().splitlines()[-1].startswith("error: data.env.scenario must be one of 0, 1, 2")
     assert "Traceback" not in completed.stderr
 
 

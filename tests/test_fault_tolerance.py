@@ -67,6 +67,7 @@ def test_sigterm_mid_training_writes_a_checkpoint_exits_0_and_says_how_to_resume
     assert run.stop(signal.SIGTERM) == 0, run.output[-3000:]
 
     assert "SIGTERM received: finishing the current step" in run.output
+    assert "weights_only" not in run.output  # the stop's checkpoint is a full one, and says nothing about it
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     progress = saved["td3_progress"]
     assert f"stopped by SIGTERM at env step {progress['env_steps']}; checkpoint written to " in run.output

@@ -57,7 +57,7 @@ def test_the_crash_report_answers_a_bad_config_with_one_line(tmp_path):
     args = ["--config", str(config), "--ckpt", str(ROOT / "agents/td3_cpu_scenario0.ckpt"), "--seed", "0"]
     with pytest.raises(SystemExit) as stop:
         crashes.main(args)
-    assert str(stop.value).startswith("error: env.layout must be one of") and "\n" not in str(stop.value)
+    assert str(stop.value).startswith("error: data.env.layout must be one of") and "\n" not in str(stop.value)
 
 
 def test_the_tools_take_layered_configs_and_refuse_an_env_the_agent_cannot_read(tmp_path, capsys):
@@ -71,8 +71,10 @@ def test_the_tools_take_layered_configs_and_refuse_an_env_the_agent_cannot_read(
         with pytest.raises(SystemExit) as stop:
             tool(args)
         message = str(stop.value)
-        assert message.startswith("error: model.init_args.vector_size is 56 but data.env gives vectors of 54")
-        assert "observe_leader=False" in message and "\n" not in message
+        assert message.startswith("error: the agent in the checkpoint was trained on vectors of 56 but data.env gives "
+                                  "vectors of 54")
+        assert "observe_leader=False" in message and "--data.env.observe_leader true" in message
+        assert "\n" not in message
     assert not gif.exists()
     crashes.main(["--config", base, "--config", radar, "--ckpt", agent, "--seed", "50000", "--episodes", "1"])
     assert capsys.readouterr().out.startswith("collisions: 0 of 1 episodes")

@@ -239,7 +239,9 @@ def test_the_curve_of_a_resumed_run_continues_across_its_log_directories(tmp_pat
     fit(run_dir)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     first = torch.load(checkpoint, weights_only=True)["td3_progress"]["env_steps"]
-    fit(run_dir, "--ckpt_path", str(checkpoint), **{"trainer.max_epochs": 2})  # logs into version_1
+    # Resumed into another folder, as a checkpoint written before it recorded its own folder is (those go on in it).
+    fit(run_dir, "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.version", "1",
+        **{"trainer.max_epochs": 2})
     second = torch.load(checkpoint, weights_only=True)["td3_progress"]["env_steps"]
     logs = run_dir / "logs" / "tiny"
     resumed_value = eval_scalars_vs_env_steps(logs / "version_1")["eval/success_rate"][1].tolist()

@@ -454,7 +454,7 @@ def test_a_vector_size_other_than_the_envs_is_refused_before_any_env_runs():
     data = ReplayDataModule(env=EnvConfig(num_waypoints=5, observe_leader=True), eval_episodes=1)
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ConfigError, match=r"vector_size is 14 but data.env gives vectors of 16 .*observe_leader=True"
-                                          r".*set vector_size: 16"):
+                                          r".*set model.init_args.vector_size: 16"):
         trainer.validate(TD3(vector_size=14, hidden_sizes=(16,)), datamodule=data)
 
 

@@ -100,8 +100,8 @@ def _connection_help(config: CarlaConfig, reason: str) -> str:
     return (
         f"No CARLA server answered at {config.host}:{config.port} within {config.timeout_s:g} s ({reason}). "
         f"Start CARLA 0.9.16 first, e.g. `./CarlaUE4.sh -RenderOffScreen -carla-rpc-port={config.port}`, "
-        "or point env.carla.host / env.carla.port at a running server "
-        "(and raise env.carla.timeout_s if it is slow to answer)."
+        "or point data.env.carla.host / data.env.carla.port at a running server "
+        "(and raise data.env.carla.timeout_s if it is slow to answer)."
     )
 
 

@@ -24,7 +24,7 @@ def process_servers(config: CarlaConfig, num_envs: int, rank: int, world_size: i
     servers = config.server_list()
     require(
         len(servers) == num_envs * world_size,
-        "env.carla.servers",
+        "data.env.carla.servers",
         f"{num_envs * world_size} entries, one per training env (data.num_envs={num_envs} x {world_size} "
         f"process{'es' if world_size > 1 else ''})",
         f"{len(servers)} entries",
@@ -50,7 +50,7 @@ def answering_servers(servers: list[CarlaServer], config: CarlaConfig) -> list[C
         addresses = ", ".join(f"{server.host}:{server.port}" for server in servers)
         raise CarlaConnectionError(
             f"none of this process's CARLA servers ({addresses}) answered within {config.timeout_s:g} s; start them "
-            "(`./CarlaUE4.sh -RenderOffScreen -carla-rpc-port=<port>`) or fix env.carla.servers"
+            "(`./CarlaUE4.sh -RenderOffScreen -carla-rpc-port=<port>`) or fix data.env.carla.servers"
         )
     return live
 

@@ -1,6 +1,8 @@
 """Environment configuration shared by every backend, validated at construction.
 
-Bad values fail here, before any simulator starts, with a message naming the field and what is allowed.
+Bad values fail here, before any simulator starts, with a message naming the field and what is allowed. Fields are
+named as the user sets them, `data.env.<field>` (the `cli.py` option and the key in a run's config file), whoever
+builds the config.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ class RewardConfig:
     def __post_init__(self) -> None:
         for name in ("efficiency", "lane_keeping", "comfort", "safety", "progress", "crash_penalty", "headway"):
             value = getattr(self, name)
-            require(isinstance(value, (int, float)) and value >= 0, f"env.reward.{name}", "a number >= 0", value)
+            require(isinstance(value, (int, float)) and value >= 0, f"data.env.reward.{name}", "a number >= 0", value)
         require(
-            isinstance(self.headway_s, (int, float)) and self.headway_s > 0, "env.reward.headway_s", "> 0 seconds",
+            isinstance(self.headway_s, (int, float)) and self.headway_s > 0, "data.env.reward.headway_s", "> 0 seconds",
             self.headway_s,
         )
 
@@ -90,15 +92,17 @@ class CarlaConfig:
     opendrive_file: str | None = None
 
     def __post_init__(self) -> None:
-        require(isinstance(self.host, str) and bool(self.host), "env.carla.host", "a non-empty host name", self.host)
+        require(
+            isinstance(self.host, str) and bool(self.host), "data.env.carla.host", "a non-empty host name", self.host
+        )
         for name in ("port", "tm_port"):
             value = getattr(self, name)
-            require(_is_port(value), f"env.carla.{name}", "a port in 1..65535", value)
-        require(self.timeout_s > 0, "env.carla.timeout_s", "> 0 seconds", self.timeout_s)
+            require(_is_port(value), f"data.env.carla.{name}", "a port in 1..65535", value)
+        require(self.timeout_s > 0, "data.env.carla.timeout_s", "> 0 seconds", self.timeout_s)
         self.npc_vehicles = tuple(self.npc_vehicles)
         require(
             len(self.npc_vehicles) == 3 and all(isinstance(n, int) and n >= 0 for n in self.npc_vehicles),
-            "env.carla.npc_vehicles",
+            "data.env.carla.npc_vehicles",
             "three counts >= 0 for scenarios 0/1/2",
             self.npc_vehicles,
         )
@@ -107,14 +111,14 @@ class CarlaConfig:
         if self.opendrive_file is not None:
             require(
                 Path(self.opendrive_file).is_file() and Path(self.opendrive_file).suffix == ".xodr",
-                "env.carla.opendrive_file", "an existing OpenDRIVE file (*.xodr) or null", self.opendrive_file,
+                "data.env.carla.opendrive_file", "an existing OpenDRIVE file (*.xodr) or null", self.opendrive_file,
             )
 
     def server_list(self) -> list[CarlaServer]:
         """The parsed `servers` entries; an error names the first bad one."""
         parsed: list[CarlaServer] = []
         for index, entry in enumerate(self.servers):
-            name = f"env.carla.servers[{index}]"
+            name = f"data.env.carla.servers[{index}]"
             parts = entry.split(":") if isinstance(entry, str) else []
             ports = [int(part) if part.isdecimal() else None for part in parts[1:]]
             require(
@@ -195,44 +199,47 @@ class EnvConfig:
             self.reward = RewardConfig(**self.reward)
         if isinstance(self.carla, dict):
             self.carla = CarlaConfig(**self.carla)
-        require(self.backend in BACKENDS, "env.backend", f"one of {BACKENDS}", self.backend)
+        require(self.backend in BACKENDS, "data.env.backend", f"one of {BACKENDS}", self.backend)
         require(
             isinstance(self.scenario, int) and self.scenario in SCENARIOS,
-            "env.scenario",
+            "data.env.scenario",
             "one of 0, 1, 2 (light, medium, dense traffic)",
             self.scenario,
         )
-        require(self.traffic_density >= 0, "env.traffic_density", "a number >= 0", self.traffic_density)
-        require(self.layout in LAYOUTS, "env.layout", f"one of {LAYOUTS}", self.layout)
-        require(isinstance(self.lanes, int) and 1 <= self.lanes <= 6, "env.lanes", "an integer in 1..6", self.lanes)
-        require(self.route_length_m >= 100, "env.route_length_m", ">= 100 metres", self.route_length_m)
-        require(self.target_speed_mps > 0, "env.target_speed_mps", "> 0", self.target_speed_mps)
-        require(self.initial_speed_mps >= 0, "env.initial_speed_mps", ">= 0", self.initial_speed_mps)
-        require(self.policy_frequency_hz > 0, "env.policy_frequency_hz", "> 0", self.policy_frequency_hz)
-        require(0 < self.max_steer_rad <= 0.6, "env.max_steer_rad", "in (0, 0.6] radians", self.max_steer_rad)
+        require(self.traffic_density >= 0, "data.env.traffic_density", "a number >= 0", self.traffic_density)
+        require(self.layout in LAYOUTS, "data.env.layout", f"one of {LAYOUTS}", self.layout)
         require(
-            isinstance(self.max_steps, int) and self.max_steps > 0, "env.max_steps", "an integer > 0", self.max_steps
+            isinstance(self.lanes, int) and 1 <= self.lanes <= 6, "data.env.lanes", "an integer in 1..6", self.lanes
+        )
+        require(self.route_length_m >= 100, "data.env.route_length_m", ">= 100 metres", self.route_length_m)
+        require(self.target_speed_mps > 0, "data.env.target_speed_mps", "> 0", self.target_speed_mps)
+        require(self.initial_speed_mps >= 0, "data.env.initial_speed_mps", ">= 0", self.initial_speed_mps)
+        require(self.policy_frequency_hz > 0, "data.env.policy_frequency_hz", "> 0", self.policy_frequency_hz)
+        require(0 < self.max_steer_rad <= 0.6, "data.env.max_steer_rad", "in (0, 0.6] radians", self.max_steer_rad)
+        require(
+            isinstance(self.max_steps, int) and self.max_steps > 0, "data.env.max_steps", "an integer > 0",
+            self.max_steps,
         )
         require(
             isinstance(self.num_waypoints, int) and self.num_waypoints > 0,
-            "env.num_waypoints",
+            "data.env.num_waypoints",
             "an integer > 0",
             self.num_waypoints,
         )
-        require(self.waypoint_spacing_m > 0, "env.waypoint_spacing_m", "> 0", self.waypoint_spacing_m)
-        require(self.off_road_distance_m > 0, "env.off_road_distance_m", "> 0", self.off_road_distance_m)
-        require(self.goal_radius_m > 0, "env.goal_radius_m", "> 0", self.goal_radius_m)
+        require(self.waypoint_spacing_m > 0, "data.env.waypoint_spacing_m", "> 0", self.waypoint_spacing_m)
+        require(self.off_road_distance_m > 0, "data.env.off_road_distance_m", "> 0", self.off_road_distance_m)
+        require(self.goal_radius_m > 0, "data.env.goal_radius_m", "> 0", self.goal_radius_m)
         require(
             self.image_size == IMAGE_SIZE,
-            "env.image_size",
+            "data.env.image_size",
             f"{IMAGE_SIZE} (the NatureCNN input size)",
             self.image_size,
         )
-        require(self.pixels_per_meter > 0, "env.pixels_per_meter", "> 0", self.pixels_per_meter)
+        require(self.pixels_per_meter > 0, "data.env.pixels_per_meter", "> 0", self.pixels_per_meter)
         require(
-            0 < self.frame_ego_position < 1, "env.frame_ego_position", "in (0, 1)", self.frame_ego_position
+            0 < self.frame_ego_position < 1, "data.env.frame_ego_position", "in (0, 1)", self.frame_ego_position
         )
-        require(isinstance(self.observe_leader, bool), "env.observe_leader", "true or false", self.observe_leader)
+        require(isinstance(self.observe_leader, bool), "data.env.observe_leader", "true or false", self.observe_leader)
 
     @property
     def camera(self) -> dict:
