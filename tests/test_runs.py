@@ -184,12 +184,16 @@ def test_training_on_from_a_shipped_agent_is_refused_in_one_line_leaving_no_fold
 
 
 def test_the_progress_bar_shows_the_counters_as_whole_numbers():
-    class Trainer:  # what the bar reads: the logged values (floats) and no logger
+    class Logger:
+        version = 3
+
+    class Trainer:  # what the bar reads: the logged values (floats) and the logger's version
         progress_bar_metrics = {"env_steps": 1301.0, "episodes": 170.0, "sps": 19.652}
-        loggers = []
+        loggers = [Logger()]
 
     metrics = ProgressBar().get_metrics(Trainer(), None)
-    assert {name: metrics[name] for name in COUNTERS} == {"env_steps": "1301", "episodes": "170"}
+    assert {name: metrics[name] for name in (*COUNTERS, "v_num")} == {"env_steps": "1301", "episodes": "170",
+                                                                      "v_num": "3"}
     assert metrics["sps"] == 19.652
 
 
