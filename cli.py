@@ -30,8 +30,9 @@ class DrivingCLI(LightningCLI):
         parser.add_lightning_class_args(FaultTolerance, "fault_tolerance")
 
     def parse_arguments(self, parser, args) -> None:
-        check_config_files(sys.argv[1:] if args is None else args)  # a YAML error named with its file
-        super().parse_arguments(parser, args)
+        argv = list(sys.argv[1:] if args is None else args)
+        check_config_files(argv)  # a YAML error named with its file
+        self.config = parser.parse_args(runs.with_trained_settings(argv))
         # Before Lightning reads the checkpoint (it loads its hyper-parameters right after parsing).
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else None

@@ -19,13 +19,22 @@ CONFIG_FLAGS = ("--config", "-c")
 def check_config_files(argv: Iterable[str]) -> None:
     """`ConfigError` naming the first `--config` file of `argv` that is not valid YAML, and where (a path that is no
     file is left to jsonargparse, which also takes a config given inline)."""
+    for value in option_values(argv, CONFIG_FLAGS):
+        if Path(value).is_file():
+            _check_yaml(Path(value))
+
+
+def option_values(argv: Iterable[str], flags: tuple[str, ...]) -> list[str]:
+    """The values that a command line gives the options `flags`, as `--flag VALUE` or `--flag=VALUE`, in order."""
     arguments = list(argv)
+    values = []
     for index, argument in enumerate(arguments):
         flag, equals, value = argument.partition("=")
-        if flag in CONFIG_FLAGS and not equals:  # `--config FILE` rather than `--config=FILE`
+        if flag in flags and not equals:  # `--flag VALUE` rather than `--flag=VALUE`
             value = arguments[index + 1] if index + 1 < len(arguments) else ""
-        if flag in CONFIG_FLAGS and Path(value).is_file():
-            _check_yaml(Path(value))
+        if flag in flags:
+            values.append(value)
+    return values
 
 
 def _check_yaml(path: Path) -> None:

@@ -19,6 +19,7 @@ from lightning_td3.checkpointing import AtomicCheckpointIO
 from lightning_td3.errors import CheckpointError, UserError
 
 ACTOR_ONLY_KEY = "td3_actor_only"
+PROGRESS_KEY = "td3_progress"  # a training checkpoint's record of its run (TD3 writes it; td3.py imports this one)
 ACTOR_PREFIX = "actor."
 
 
@@ -34,7 +35,7 @@ def export_actor(checkpoint_path: Path, out_path: Path, dtype: torch.dtype = tor
     if not weights:
         raise CheckpointError(f"{checkpoint_path} has no '{ACTOR_PREFIX}*' weights: it is not a TD3 checkpoint")
     hyper_parameters = checkpoint.get("hyper_parameters", {})
-    progress = checkpoint.get("td3_progress", {})  # TD3's CHECKPOINT_KEY (td3 imports this module)
+    progress = checkpoint.get(PROGRESS_KEY, {})
     shipped = {
         "pytorch-lightning_version": checkpoint["pytorch-lightning_version"],
         "state_dict": weights,
@@ -43,12 +44,26 @@ def export_actor(checkpoint_path: Path, out_path: Path, dtype: torch.dtype = tor
             "hyper_parameters": dict(hyper_parameters),
             "env_steps": progress.get("env_steps", 0),
             "camera": progress.get("camera"),
+            "env": progress.get("env"),
             "source": Path(checkpoint_path).name,
             "dtype": str(dtype).removeprefix("torch."),
         },
     }
     checkpoint_io.save_checkpoint(shipped, out_path)
     return shipped
+
+
+def trained_settings(checkpoint: dict) -> dict:
+    """The `model` and `data.env` settings a TD3 checkpoint (training or exported) was trained with, in a run
+    config's form; empty for what it does not record (the env, in checkpoints written before it was kept)."""
+    hyper_parameters = dict(checkpoint.get("hyper_parameters") or {})
+    hyper_parameters.pop("_instantiator", None)
+    class_path = hyper_parameters.pop("_class_path", None)
+    settings = {"model": {"class_path": class_path, "init_args": hyper_parameters}} if class_path else {}
+    env = (checkpoint.get(ACTOR_ONLY_KEY) or checkpoint.get(PROGRESS_KEY) or {}).get("env")
+    if env is not None:
+        settings["data"] = {"env": env}
+    return settings
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,7 @@
 """Pictures of a run for people: the learning curve against the baselines, and a GIF of one evaluation episode.
 
     python -m lightning_td3.figures curve --run runs/<name>/version_<n> [more, in order] --out docs/<name>_curve.png
-    python -m lightning_td3.figures episode --config <run config>.yaml --ckpt <checkpoint> --seed 50000 \
-        --out docs/<name>_episode.gif
+    python -m lightning_td3.figures episode --ckpt <checkpoint> --seed 50000 --out docs/<name>_episode.gif
 
 The curve reads the run's own TensorBoard scalars (logged against env steps) and its saved config; the baselines
 are evaluated on the very episodes the run was validated on, through the same harness, so the lines compare like
@@ -146,14 +145,23 @@ def _caption(info: dict) -> str:
 def record_episode(config_paths: Sequence[Path], checkpoint: Path, seed: int, out: Path) -> dict:
     """Drive one evaluation episode with the checkpoint's actor and write it as a GIF; return its result.
 
-    `config_paths`: the run's config, or the configs it was layered from, in order."""
+    `config_paths`: the run's config, or the configs it was layered from, in order; none: the env the checkpoint
+    records it was trained on."""
     from PIL import Image
 
     from lightning_td3.td3 import TD3
 
     agent = TD3.load_from_checkpoint(checkpoint, map_location="cpu")
     agent.eval()
-    env_config = env_config_of(*config_paths)
+    if config_paths:
+        env_config = env_config_of(*config_paths)
+    elif agent.trained_env is not None:
+        env_config = EnvConfig(**agent.trained_env)
+    else:
+        raise UserError(
+            f"{checkpoint} does not record the env it was trained on (it was written before that was kept); "
+            "give its run's config with --config"
+        )
     agent.require_env(env_config)
     env = DrivingEnv(env_config, render_mode="rgb_array")
     frames = []
@@ -180,8 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     curve.add_argument("--out", type=Path, required=True)
     episode = commands.add_parser("episode", help="GIF of one evaluation episode")
-    episode.add_argument("--config", type=Path, required=True, action="append",
-        help="the run's config (its data.env is used); repeat it to layer configs as cli.py does")
+    episode.add_argument("--config", type=Path, action="append", default=[],
+        help="the run's config (its data.env is used; default: the env the checkpoint records); repeat it to layer "
+             "configs as cli.py does")
     episode.add_argument("--ckpt", type=Path, required=True, help="a training checkpoint or an exported actor")
     episode.add_argument("--seed", type=int, required=True)
     episode.add_argument("--out", type=Path, required=True)

@@ -17,4 +17,7 @@ class ProgressBar(RichProgressBar):
     def get_metrics(self, trainer, pl_module) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
         # As text: the bar formats every number, ints too, with three decimals (and logged values are floats).
-        return {name: str(int(value)) if name in WHOLE_NUMBERS else value for name, value in metrics.items()}
+        return {
+            name: str(int(value)) if name in WHOLE_NUMBERS and isinstance(value, (int, float)) else value
+            for name, value in metrics.items()
+        }

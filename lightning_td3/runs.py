@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import pickle
 import shlex
 import shutil
@@ -28,7 +29,9 @@ import pytorch_lightning as pl
 import torch
 from jsonargparse import Namespace
 
+from lightning_td3.config_files import option_values
 from lightning_td3.errors import CheckpointError
+from lightning_td3.export import trained_settings
 
 LAST = "last"
 # Where a checkpoint records the log folder of the run that wrote it (`record_log_dir`).
@@ -36,6 +39,24 @@ LOG_DIR_KEY = "log_dir"
 # Our checkpoints hold these; Lightning's hold the first two and the version of Lightning that wrote them.
 LIGHTNING_KEYS = ("state_dict", "pytorch-lightning_version")
 ZIP_MAGIC = b"PK\x03\x04"
+
+
+def with_trained_settings(argv: list[str]) -> list[str]:
+    """A `validate`/`test` command line of a checkpoint given by path, with what the checkpoint says it was trained
+    on (model and env) put first, as a config that every `--config` file and option after it overrides: the
+    checkpoint alone is enough to evaluate it, and `--data.env.scenario 2` still changes the task."""
+    if not argv or argv[0] not in ("validate", "test"):
+        return argv
+    paths = option_values(argv, ("--ckpt_path",))
+    if not paths or paths[-1] in ("", LAST):  # `last` is found through the config the command gives
+        return argv
+    settings = trained_settings(read_checkpoint(Path(paths[-1])))
+    if "data" not in settings:
+        warnings.warn(
+            f"checkpoint {paths[-1]} does not record the env it was trained on (it was written before that was "
+            "kept): it is evaluated on data.env as the command gives it", stacklevel=2,
+        )
+    return [argv[0], "--config", json.dumps(settings), *argv[1:]] if settings else argv
 
 
 def resolve_checkpoint(config: Namespace) -> tuple[str, dict[str, Any]]:
@@ -100,7 +121,9 @@ def continue_logging(config: Namespace, checkpoint: dict[str, Any]) -> None:
         return
     recorded = Path(recorded)
     if recorded.parent.resolve() == _run_root(config).resolve():
-        logger.init_args.version = recorded.name
+        # As a number where the folder is Lightning's own `version_<n>`, which is what it then shows as v_num.
+        number = recorded.name.removeprefix("version_")
+        logger.init_args.version = int(number) if number.isdigit() else recorded.name
 
 
 @contextmanager
@@ -173,15 +196,13 @@ def fit_summary(trainer: pl.Trainer) -> str:
     if checkpoint is None:
         return "\n".join(lines)
     log_dir = _log_dir(trainer)
-    run_config = log_dir / "config.yaml" if log_dir is not None else None
-    figure_config = run_config if run_config is not None and run_config.is_file() else "<its config>"
     seed = getattr(trainer.datamodule, "eval_seed", 10_000)
     lines += [
         f"Checkpoint: {checkpoint}",
-        f"  evaluate: {cli_command('validate', checkpoint)}",
+        f"  evaluate: {shlex.join(['python', 'cli.py', 'validate', '--ckpt_path', str(checkpoint)])}",
         "  watch:    " + shlex.join([
-            "python", "-m", "lightning_td3.figures", "episode", "--config", str(figure_config), "--ckpt",
-            str(checkpoint), "--seed", str(seed), "--out", str(Path(checkpoint).parent.parent / "episode.gif"),
+            "python", "-m", "lightning_td3.figures", "episode", "--ckpt", str(checkpoint), "--seed", str(seed),
+            "--out", str(Path(checkpoint).parent.parent / "episode.gif"),
         ]),
         f"  resume:   {cli_command('fit', LAST)}",
     ]

@@ -29,10 +29,10 @@ from lightning_td3.envs.config import IMAGE_SIZE
 from lightning_td3.errors import CheckpointError, ConfigError, TrainingAborted, require
 from lightning_td3.evaluation import EvaluationMetrics, Policy
 from lightning_td3.export import ACTOR_ONLY_KEY
+from lightning_td3.export import PROGRESS_KEY as CHECKPOINT_KEY
 from lightning_td3.networks import Actor, TwinCritic
 from lightning_td3.per_process import gather_per_process, own_state
 
-CHECKPOINT_KEY = "td3_progress"
 # What decides the weights' shapes.
 ARCHITECTURE_HPARAMS = ("vector_size", "hidden_sizes", "layer_norm", "critic_only_vector")
 # The device-side record of skipped updates (`TD3._nonfinite`), one int64 each: skipped updates in all, the
@@ -219,6 +219,9 @@ class TD3(DrivingModule):
         # The env's `camera` the networks learned from: set by fit, kept in checkpoints and exports (None: unknown,
         # e.g. a checkpoint written before it was kept).
         self.trained_camera: dict | None = None
+        # Every setting of the env it was trained on (`EnvConfig.settings`), kept likewise: what evaluating a
+        # checkpoint alone runs on (`lightning_td3.export.trained_settings`).
+        self.trained_env: dict | None = None
         # The weights (and vector_size, with them) are a checkpoint's: an env that does not fit them is the env's
         # fault, not the setting's.
         self.from_checkpoint = False
@@ -256,7 +259,8 @@ class TD3(DrivingModule):
         # after setup, and the CLI has taken vector_size from the checkpoint.
         env = self._attached_env()
         if env is not None and stage == "fit":
-            self.trained_camera = env.camera  # a resumed checkpoint's record replaces it and is checked
+            # A resumed checkpoint's records replace these (and its camera is checked).
+            self.trained_camera, self.trained_env = env.camera, env.settings()
         if isinstance(self.trainer.strategy, DDPStrategy):
             _let_ddp_find_unused_parameters(self.trainer.strategy)
         if self.hparams.cuda_graph and stage == "fit":
@@ -394,6 +398,7 @@ class TD3(DrivingModule):
             "updates": self.updates,
             "skipped_updates": self.skipped_updates,
             "camera": self.trained_camera,
+            "env": self.trained_env,
             # The same on every process: seeded alike and drawn from alike (the target smoothing noise).
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -416,6 +421,7 @@ class TD3(DrivingModule):
             )
         self._check_fits(checkpoint["state_dict"], checkpoint.get("hyper_parameters", {}))
         self._load_trained_camera(progress)
+        self.trained_env = progress.get("env")  # absent from checkpoints written before it was kept
         self.run_env_steps = progress["env_steps"]
         self.run_episodes = progress["episodes"]
         self.updates = progress["updates"]
@@ -450,6 +456,7 @@ class TD3(DrivingModule):
         shipped = checkpoint[ACTOR_ONLY_KEY]
         self._check_fits(checkpoint["state_dict"], shipped["hyper_parameters"], part="actor.")
         self._load_trained_camera(shipped)
+        self.trained_env = shipped.get("env")
         self.run_env_steps = shipped["env_steps"]  # where its evaluation goes on the env-step axis
         self.actor_only = True
         # The critic stays as built; filling it in keeps Lightning's strict loading, which still guards the actor.

@@ -14,7 +14,10 @@ import yaml
 
 import cli
 from lightning_td3.collector import COUNTERS
+from lightning_td3.envs import EnvConfig
 from lightning_td3.errors import CheckpointError, ConfigError
+from lightning_td3.export import export_actor
+from lightning_td3.figures import record_episode
 from lightning_td3.progress import ProgressBar
 from tests.tiny_run import TINY_ENV, fit
 
@@ -215,3 +218,38 @@ def test_the_cli_process_says_when_the_output_folder_is_a_file(tmp_path):
         "error: the checkpoint directory runs is not writable: runs is a file, not a directory; remove or rename it"
     )
     assert (tmp_path / "runs").read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("exported") / "agent.ckpt"
+    export_actor(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("which", ["training_checkpoint", "exported_actor"])
+def test_a_checkpoint_alone_evaluates_on_the_task_and_networks_it_was_trained_with(checkpoint, exported, which):
+    path = checkpoint if which == "training_checkpoint" else exported
+    result = cli.main(["validate", "--ckpt_path", str(path)])
+    assert result.datamodule.env == EnvConfig(**TINY_ENV)  # not the defaults: scenario 1 straight, 25 waypoints
+    assert list(result.model.hparams.hidden_sizes) == [16] and result.model.hparams.vector_size == 14
+    assert result.trainer.callback_metrics["eval/episodes"] == 10  # data.eval_episodes, as defaulted
+
+
+def test_settings_given_with_a_checkpoint_go_over_what_it_was_trained_on(exported):
+    result = cli.main(["validate", "--ckpt_path", str(exported), "--data.env.scenario", "2",
+                       "--data.eval_episodes", "2"])
+    assert result.datamodule.env == EnvConfig(**{**TINY_ENV, "scenario": 2})
+    assert result.datamodule.eval_episodes == 2
+
+
+def test_a_checkpoint_alone_still_refuses_a_camera_it_did_not_learn_from(exported):
+    with pytest.raises(ConfigError, match="the agent learned from frames of"):
+        cli.main(["validate", "--ckpt_path", str(exported), "--data.env.pixels_per_meter", "2.5"])
+
+
+def test_the_episode_gif_of_a_checkpoint_alone_drives_the_env_it_was_trained_on(checkpoint, exported, tmp_path):
+    alone = record_episode([], exported, seed=5, out=tmp_path / "alone.gif")
+    with_config = record_episode([checkpoint.parent.parent / "tiny.yaml"], exported, seed=5, out=tmp_path / "c.gif")
+    assert alone == with_config
+    assert (tmp_path / "alone.gif").read_bytes() == (tmp_path / "c.gif").read_bytes()

@@ -7,7 +7,7 @@ builds the config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lightning_td3.errors import require
@@ -260,6 +260,11 @@ class EnvConfig:
         if recorded.get("backend") == "highway":
             return {**recorded, "frame_ego_position": recorded.get("frame_ego_position", UNRECORDED_FRAME_EGO_POSITION)}
         return recorded
+
+    def settings(self) -> dict:
+        """Every setting as plain values, as a run's `data.env` writes them: what a checkpoint keeps of its task, so
+        that `validate --ckpt_path` alone evaluates an agent on it."""
+        return asdict(self)
 
     @property
     def vector_size(self) -> int:
