@@ -8,6 +8,7 @@ from datamodules.replay import ReplayDataModule
 from lightning_td3 import runs
 from lightning_td3.config_files import check_config_files
 from lightning_td3.driving_module import DrivingModule
+from lightning_td3.envs import EnvConfig
 from lightning_td3.errors import StopRequested, UserError
 from lightning_td3.fault_tolerance import FaultTolerance
 from lightning_td3.quiet import quiet_library_noise
@@ -42,6 +43,10 @@ class DrivingCLI(LightningCLI):
                 runs.continue_logging(config, checkpoint)
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model = config.model.get("init_args")
+        if model is not None and "vector_size" in model and model.vector_size is None:  # derived, not repeated
+            model.vector_size = EnvConfig(**config.data.env.as_dict()).vector_size
         if self.subcommand in ("validate", "test"):  # evaluation prints its table and leaves no run folder behind
             self.config[self.subcommand].trainer.logger = False
             self.save_config_callback = None

@@ -18,8 +18,9 @@ import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-FRAME_SHAPE = (84, 84)
-FRAME_STACK = 4
+from lightning_td3.envs.config import FRAME_STACK, IMAGE_SIZE  # noqa: E402
+
+FRAME_SHAPE = (IMAGE_SIZE, IMAGE_SIZE)
 ACTION_SIZE = 2
 
 

@@ -6,10 +6,12 @@
 #   device:      bash bench/gpu_train.sh [whole_box | side_by_side] [cli.py fit options for every run ...]
 #   dry run:     OUT=/tmp/train bash bench/gpu_train.sh [whole_box | side_by_side] --device cpu   (tiny sizes, CPU)
 # e.g. bash bench/gpu_train.sh whole_box --data.env.reward.headway 1.0   (the options go last: they win)
-# whole_box (the default): scenario 1 on the curvy layout alone, h100.yaml + h100_whole_box.yaml: 14 env processes,
-#   one learner, the graphed update and sampling on the GPU. Their GPU tests run first; if one fails, the run
-#   trains eagerly instead, evaluating every 10000 updates instead of 20000 (said so in the log).
-# side_by_side: the first GPU runs, scenario 1 curvy and scenario 2 from h100.yaml at once, 7 env processes each.
+# whole_box (the default): the scenario-1 recipe (configs/experiments/scenario1_curvy_asymmetric.yaml) on the whole
+#   machine: 14 env processes, one learner, the graphed update and sampling on the GPU, 6 minutes. Their GPU tests run
+#   first; if one fails, the run trains eagerly instead, evaluating every 10000 updates instead of 20000 (said so in
+#   the log).
+# side_by_side: scenario 2 (configs/experiments/scenario2_straight_capped.yaml, 7 env processes) and the scenario-1
+#   recipe on the GPU with 7 env processes, at once.
 set -u
 MODE=whole_box
 DEVICE=cuda
@@ -40,6 +42,7 @@ else
 fi
 
 # Each run: its name (its TensorBoard run under runs/), then its config files and overrides.
+ON_GPU=(--trainer.accelerator gpu)  # the scenario-1 recipe is written for a CPU
 if [ "$MODE" = whole_box ]; then
   FAST=()
   if [ "$DEVICE" = cuda ]; then
@@ -52,11 +55,14 @@ if [ "$MODE" = whole_box ]; then
     FAST=(--model.init_args.cuda_graph false --data.sample_on_device false)  # both are refused on a CPU
   fi
   echo "== training with ${FAST[*]:-the graphed update and sampling on the GPU} ${EXTRA[*]} ($SECONDS s)"
-  RUNS=("h100_whole_box_scenario1_curvy"
-        "--config configs/experiments/h100.yaml --config configs/experiments/h100_whole_box.yaml ${FAST[*]}")
+  RUNS=("gpu_whole_box_scenario1_curvy"
+        "--config configs/experiments/scenario1_curvy_asymmetric.yaml ${ON_GPU[*]} --trainer.max_time 00:00:06:00
+         --trainer.limit_train_batches 20000 --data.num_envs 14 --model.init_args.cuda_graph true
+         --data.sample_on_device true ${FAST[*]}")
 else
-  RUNS=("h100_scenario1_curvy" "--config configs/experiments/h100.yaml"
-        "h100_scenario2" "--config configs/experiments/h100.yaml --data.env.scenario 2 --data.env.layout straight")
+  RUNS=("gpu_scenario1_curvy" "--config configs/experiments/scenario1_curvy_asymmetric.yaml ${ON_GPU[*]}
+         --trainer.max_time 00:00:05:30 --trainer.limit_train_batches 4000 --data.num_envs 7"
+        "gpu_scenario2" "--config configs/experiments/scenario2_straight_capped.yaml")
 fi
 
 PIDS=()

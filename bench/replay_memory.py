@@ -25,7 +25,7 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import import_sb3  # noqa: E402
+from common import FRAME_SHAPE, FRAME_STACK, import_sb3  # noqa: E402
 from lightning_td3.envs import DrivingEnv, EnvConfig  # noqa: E402
 from lightning_td3.replay import ReplayBuffer  # noqa: E402
 
@@ -101,14 +101,14 @@ def mismatches_with_sb3(buffer: ReplayBuffer, sb3_buffer, samples: int, rng: np.
 
 def fill_synthetic(buffer: ReplayBuffer, transitions: int, rng: np.random.Generator) -> int:
     """One env's episodes of random frames, stacked as `DrivingEnv` stacks them; returns the slots written."""
-    stack = np.empty((1, 4, 84, 84), np.uint8)
+    stack = np.empty((1, FRAME_STACK, *FRAME_SHAPE), np.uint8)
     vector = np.zeros((1, buffer.vector_size), np.float32)
     action = np.zeros((1, 2), np.float32)
     for step in range(transitions):
         if step % SYNTHETIC_EPISODE_STEPS == 0:
-            stack[:] = rng.integers(0, 256, (84, 84), dtype=np.uint8)
+            stack[:] = rng.integers(0, 256, FRAME_SHAPE, dtype=np.uint8)
         next_stack = np.roll(stack, -1, axis=1)
-        next_stack[0, -1] = rng.integers(0, 256, (84, 84), dtype=np.uint8)
+        next_stack[0, -1] = rng.integers(0, 256, FRAME_SHAPE, dtype=np.uint8)
         episode_over = np.array([(step + 1) % SYNTHETIC_EPISODE_STEPS == 0])
         buffer.add({"image": stack, "vector": vector}, action, np.zeros(1), {"image": next_stack, "vector": vector},
                    episode_over, np.zeros(1, bool))

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_td3.device_replay import DeviceReplay
 from lightning_td3.envs import EnvConfig
-from lightning_td3.envs.carla_servers import live_envs, server_address, training_env_configs, uses_server_list
+from lightning_td3.envs.carla_servers import ring_servers, training_envs
 from lightning_td3.errors import CheckpointError, require
 from lightning_td3.evaluation import EpisodeSpec
 from lightning_td3.replay import ReplayBuffer
@@ -128,8 +128,7 @@ class ReplayDataModule(pl.LightningDataModule):
             f">= the number of processes ({world_size}), so that every process evaluates", self.eval_episodes,
         )
         if self.env_configs is None:
-            self.env_configs = training_env_configs(self.env, self.num_envs, self._rank(), world_size)
-            self.live_envs = live_envs(self.env, self.env_configs, range(len(self.env_configs)))
+            self.env_configs, self.live_envs = training_envs(self.env, self.num_envs, self._rank(), world_size)
         if stage == "fit" and self.buffer is None:
             self.buffer = ReplayBuffer(
                 self.buffer_capacity, len(self.env_configs), self.env.vector_size, n_step=self.n_step
@@ -246,8 +245,8 @@ class ReplayDataModule(pl.LightningDataModule):
         return Path(self.trainer.default_root_dir) / "replay"
 
     def _ring_servers(self) -> list[str] | None:
-        """`host:port` of each ring's server, in ring order; None without a server list."""
-        return [server_address(config) for config in self.env_configs] if uses_server_list(self.env) else None
+        """`carla_servers.ring_servers` of this process's training envs."""
+        return ring_servers(self.env, self.env_configs)
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1

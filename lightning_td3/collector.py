@@ -33,9 +33,11 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import fields
 from functools import partial
+from typing import Protocol
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -44,9 +46,10 @@ from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.envs.carla_backend import CarlaConnectionError
 from lightning_td3.envs.carla_servers import live_envs
 from lightning_td3.errors import ConfigError, require
-from lightning_td3.evaluation import EpisodeResult
+from lightning_td3.evaluation import EpisodeResult, EvaluationMetrics
 from lightning_td3.fault_tolerance import stop_together
 from lightning_td3.per_process import gather_per_process, own_state
+from lightning_td3.replay import ReplayBuffer
 from lightning_td3.seeding import stream_rng, stream_seed
 
 WARMUP_REPORT_EVERY = 1000  # env steps between warm-up progress lines
@@ -54,6 +57,43 @@ WARMUP_REPORT_EVERY = 1000  # env steps between warm-up progress lines
 # these as whole numbers (`lightning_td3.progress.ProgressBar`).
 COUNTERS = ("env_steps", "episodes")
 EPISODE_INFO = [field.name for field in fields(EpisodeResult)]  # what a finished env's final info must carry
+
+
+class CollectingModule(Protocol):
+    """What the Collector needs of the learner it feeds (`TD3`, which keeps these counters in its `RunProgress`).
+
+    The Collector advances this process's `env_steps` and `episodes`, hands every finished training episode to
+    `train_episode_metrics`, and reads the rest.
+    """
+
+    env_steps: int  # this process's, counted when a vector step is taken: warm-up and the updates-per-step ratio
+    episodes: int  # this process's finished training episodes
+    updates: int  # the learner's updates so far: the other side of the updates-per-step ratio
+    run_env_steps: int  # the run's totals as of the learner's last sync: the progress bar and its speed
+    run_episodes: int
+    train_episode_metrics: EvaluationMetrics  # holds the training episodes until the learner logs them
+    device: torch.device  # where the stop vote's tensors go (`fault_tolerance.stop_together`)
+
+    def act(self, observation: dict[str, np.ndarray]) -> np.ndarray:
+        """Deterministic actions in [-1, 1] for a batch of observations (the Collector adds the noise)."""
+
+    def log_vs_env_steps(self, scalars: dict[str, float]) -> None:
+        """Log scalars against the run's env steps."""
+
+    # Lightning's logging: the progress bar's counters and the data-wait fraction.
+    def log(self, name: str, value: float, **options) -> None: ...
+
+    def log_dict(self, dictionary: dict[str, float], **options) -> None: ...
+
+
+class CollectorData(Protocol):
+    """What the Collector needs of the datamodule (`datamodules.replay.ReplayDataModule`): the replay it fills and
+    the training envs it steps."""
+
+    buffer: ReplayBuffer  # one ring per training env
+    env: EnvConfig
+    env_configs: list[EnvConfig]  # one per training env (and replay ring)
+    live_envs: list[int]  # the envs that run, by index into env_configs: the Collector leaves out those that die
 
 
 def make_vector_env(configs: Sequence[EnvConfig], asynchronous: bool) -> VectorEnv:
@@ -110,7 +150,7 @@ class Collector(pl.Callback):
         self.envs: VectorEnv | None = None
         self._obs: dict[str, np.ndarray] | None = None
         self._in_flight: tuple | None = None  # (actions, results or None while env processes step) until finished
-        self._fit: tuple[pl.Trainer, pl.LightningModule] | None = None  # for a checkpoint to finish that step first
+        self._fit: tuple[pl.Trainer, CollectingModule] | None = None  # for a checkpoint to finish that step first
         self._rng: np.random.Generator | None = None
         self._restored: list[dict] | None = None  # every process's saved state, until on_fit_start
         self._last_return = 0.0
@@ -124,8 +164,8 @@ class Collector(pl.Callback):
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
-    def on_fit_start(self, trainer: pl.Trainer, module) -> None:
-        data = trainer.datamodule
+    def on_fit_start(self, trainer: pl.Trainer, module: CollectingModule) -> None:
+        data: CollectorData = trainer.datamodule
         if data is None or getattr(data, "buffer", None) is None:
             raise ConfigError("the Collector needs data: datamodules.replay.ReplayDataModule (it holds the replay)")
         self.envs = self._make_envs(data)
@@ -147,7 +187,7 @@ class Collector(pl.Callback):
                     rank_zero_info(f"warm-up: {module.env_steps}/{self.learning_starts} random env steps")
         self._env_seconds = self._batch_seconds = 0.0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, module, batch, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, module: CollectingModule, batch, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
         while self._gave_up is None and (
             (module.env_steps - self.learning_starts) * self.updates_per_step < module.updates + 1
@@ -160,11 +200,11 @@ class Collector(pl.Callback):
             prog_bar=True, on_step=True, on_epoch=False, batch_size=1,
         )
 
-    def on_validation_start(self, trainer: pl.Trainer, module) -> None:
+    def on_validation_start(self, trainer: pl.Trainer, module: CollectingModule) -> None:
         # Evaluation, what the module logs with it and the checkpoints after it see every env step taken.
         self._finish_step(trainer, module)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, module, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, module: CollectingModule, outputs, batch, batch_idx: int) -> None:
         self._batch_seconds += time.perf_counter() - self._batch_started
         module.log("perf/data_wait_fraction", self.data_wait_fraction, on_step=True, on_epoch=False, batch_size=1)
 
@@ -174,20 +214,20 @@ class Collector(pl.Callback):
         them, waiting for the envs (env processes step during the update before) and storing transitions."""
         return self._env_seconds / self._batch_seconds if self._batch_seconds else 0.0
 
-    def teardown(self, trainer: pl.Trainer, module, stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, module: CollectingModule, stage: str) -> None:
         self._close_envs()
         self._fit = None
 
     # --- collection --------------------------------------------------------------------------------------------
 
-    def _collect(self, trainer: pl.Trainer, module, wait: bool = True) -> None:
+    def _collect(self, trainer: pl.Trainer, module: CollectingModule, wait: bool = True) -> None:
         """Finish the vector step under way (if any) and start the next; with `wait`, finish that one too."""
         self._finish_step(trainer, module)
         self._start_step(trainer, module)
         if wait:
             self._finish_step(trainer, module)
 
-    def _start_step(self, trainer: pl.Trainer, module) -> None:
+    def _start_step(self, trainer: pl.Trainer, module: CollectingModule) -> None:
         """Send the envs their next actions: env processes step while the learner updates, until `_finish_step`.
 
         Envs in this process step here, and their results wait for `_finish_step` all the same.
@@ -214,7 +254,7 @@ class Collector(pl.Callback):
         self._in_flight = (actions, outcome)
         module.env_steps += num_envs  # counted when taken: the updates-per-step ratio counts the step under way
 
-    def _finish_step(self, trainer: pl.Trainer, module) -> None:
+    def _finish_step(self, trainer: pl.Trainer, module: CollectingModule) -> None:
         """Take the results of the step under way into the replay buffer and the counters."""
         if self._in_flight is None:
             return
@@ -230,20 +270,20 @@ class Collector(pl.Callback):
         done = terminated | truncated
         next_obs = _with_final_observations(obs, info, done)
         # Live env i writes ring live_envs[i]; the rings of envs left out (their server died) keep what they hold.
-        data = trainer.datamodule
+        data: CollectorData = trainer.datamodule
         data.buffer.add(self._obs, actions, reward, next_obs, terminated, truncated, rings=data.live_envs)
         self._env_seconds += time.perf_counter() - started
         self._obs = obs
         if done.any():
             self._record_episodes(module, info["final_info"], np.flatnonzero(done))
 
-    def _recover(self, trainer: pl.Trainer, module, error: Exception) -> None:
+    def _recover(self, trainer: pl.Trainer, module: CollectingModule, error: Exception) -> None:
         """Drop the open episodes, rebuild the envs and reset them; give up after too many failures in a row.
 
         The whole vector env is rebuilt: a vector step is all or nothing, so the envs that did step are out of
         step with what the buffer holds, as is the one that crashed.
         """
-        data = trainer.datamodule
+        data: CollectorData = trainer.datamodule
         for env_index in range(data.buffer.num_envs):
             data.buffer.drop_episode(env_index)
         while True:
@@ -280,7 +320,7 @@ class Collector(pl.Callback):
             except Exception as rebuild_error:
                 error = rebuild_error
 
-    def _make_envs(self, data) -> VectorEnv:
+    def _make_envs(self, data: CollectorData) -> VectorEnv:
         return make_vector_env([data.env_configs[index] for index in data.live_envs], self.async_envs)
 
     def _close_envs(self) -> None:
@@ -295,14 +335,14 @@ class Collector(pl.Callback):
         self.envs = None
         self._in_flight = None
 
-    def _record_episodes(self, module, final_info: dict, finished: np.ndarray) -> None:
+    def _record_episodes(self, module: CollectingModule, final_info: dict, finished: np.ndarray) -> None:
         for index in finished:
             result = EpisodeResult.from_info({name: final_info[name][index] for name in EPISODE_INFO})
             module.episodes += 1
             module.train_episode_metrics.update(result)
             self._last_return = result.episode_return
 
-    def _steps_per_second(self, module) -> float:
+    def _steps_per_second(self, module: CollectingModule) -> float:
         # The run's env steps per second, measured between the module's syncs of the run totals.
         now = time.perf_counter()
         then, steps_then = self._clock
@@ -345,7 +385,7 @@ class Collector(pl.Callback):
         # Envs do not exist yet at restore time; they are built and put back in on_fit_start.
         self._restored = state_dict["per_process"] if state_dict else None
 
-    def _resume(self, state: dict, buffer, rank: int) -> None:
+    def _resume(self, state: dict, buffer: ReplayBuffer, rank: int) -> None:
         self._rng.bit_generator.state = state["rng"]
         self._last_return = state["last_return"]
         self.env_failures = state["env_failures"]

@@ -19,7 +19,7 @@ from lightning_td3.checkpointing import AtomicCheckpointIO
 from lightning_td3.errors import CheckpointError, UserError
 
 ACTOR_ONLY_KEY = "td3_actor_only"
-PROGRESS_KEY = "td3_progress"  # a training checkpoint's record of its run (TD3 writes it; td3.py imports this one)
+PROGRESS_KEY = "td3_progress"  # a training checkpoint's record of its run (TD3 writes it, through td3_checkpoint.py, which imports this one)
 ACTOR_PREFIX = "actor."
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_td3.envs.config import FRAME_STACK
+
 LEAKY_SLOPE = 0.01
 
 
@@ -24,7 +26,7 @@ class NatureCNN(nn.Module):
     `bf16`: run the encoder under bfloat16 autocast (meant for CUDA; its features are returned as float32).
     """
 
-    def __init__(self, in_channels: int = 4, feature_size: int = 512, bf16: bool = False):
+    def __init__(self, in_channels: int = FRAME_STACK, feature_size: int = 512, bf16: bool = False):
         super().__init__()
         self.bf16 = bf16
         self.convs = nn.Sequential(

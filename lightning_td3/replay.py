@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-FRAME_STACK = 4
+from lightning_td3.envs.config import FRAME_STACK
 
 
 class ReplayBuffer:

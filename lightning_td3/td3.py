@@ -3,42 +3,36 @@
 The actor and the twin critics each own a NatureCNN, trained end-to-end from the RL losses. Data come from the
 replay datamodule; the `Collector` callback steps the envs and advances `env_steps`, the counter that logs and
 schedules use (Lightning's `global_step` counts optimizer steps: 1.5 per update with a policy delay of 2).
+
+This file holds the TD3 math and the update (`TD3._update`, read top to bottom); the module's other concerns each
+have their own file, which its hooks call:
+- `run_progress`: the counters (env steps, episodes, updates, the run's totals);
+- `nonfinite`: the skip of updates with a NaN/Inf loss or gradient, decided on the device;
+- `td3_logging`: what is logged, and against the run's env steps;
+- `td3_checkpoint`: what checkpoints hold beyond Lightning's own, and whether a checkpoint and an env fit the model.
 """
 
 from __future__ import annotations
 
 import copy
-import random
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_td3.checkpointing import arrays_to_tensors, save_last_checkpoint, tensors_to_arrays
+from lightning_td3 import nonfinite, td3_checkpoint, td3_logging
 from lightning_td3.cuda_graph import GraphedUpdate
 from lightning_td3.driving_module import DrivingModule
 from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.envs.config import IMAGE_SIZE
-from lightning_td3.errors import CheckpointError, ConfigError, TrainingAborted, require
+from lightning_td3.errors import CheckpointError, require
 from lightning_td3.evaluation import EvaluationMetrics, Policy
-from lightning_td3.export import ACTOR_ONLY_KEY
-from lightning_td3.export import PROGRESS_KEY as CHECKPOINT_KEY
 from lightning_td3.networks import Actor, TwinCritic
-from lightning_td3.per_process import gather_per_process, own_state
-
-# What decides the weights' shapes.
-ARCHITECTURE_HPARAMS = ("vector_size", "hidden_sizes", "layer_norm", "critic_only_vector")
-# The device-side record of skipped updates (`TD3._nonfinite`), one int64 each: skipped updates in all, the
-# current streak of them, the update where that streak began, the start of the first streak that reached
-# `max_nonfinite_updates` (-1: none yet), and the update under way.
-SKIPPED, STREAK, STREAK_START, TRIPPED_START, UPDATE = range(5)
+from lightning_td3.run_progress import ProgressField, RunProgress
 
 
 @dataclass
@@ -98,7 +92,8 @@ class TD3(DrivingModule):
     """TD3 with separate actor and critic NatureCNNs.
 
     Args:
-        vector_size: length of the vector observation; must be `data.env`'s (checked before any env runs).
+        vector_size: length of the vector observation, `data.env`'s (checked before any env runs); cli.py derives it
+            from `data.env` when it is not given.
         hidden_sizes: hidden layers of the actor and critic heads.
         layer_norm: LayerNorm in the heads (stabilises Q-learning from pixels).
         actor_lr: Adam learning rate of the actor (and its CNN).
@@ -136,9 +131,16 @@ class TD3(DrivingModule):
             of hundreds of kernel launches. One CUDA device only; not with `compile` or mixed-precision trainers.
     """
 
+    # The counters of `progress` as the module's own attributes: the Collector's `CollectingModule` contract.
+    env_steps = ProgressField()
+    episodes = ProgressField()
+    updates = ProgressField()
+    run_env_steps = ProgressField()
+    run_episodes = ProgressField()
+
     def __init__(
         self,
-        vector_size: int = 54,
+        vector_size: int | None = None,
         hidden_sizes: tuple[int, ...] = (256, 256),
         layer_norm: bool = False,
         actor_lr: float = 3e-4,
@@ -162,6 +164,10 @@ class TD3(DrivingModule):
         critic_only_vector: int = 0,
     ) -> None:
         super().__init__()
+        require(
+            isinstance(vector_size, int) and vector_size >= 1, "model.init_args.vector_size",
+            "an integer >= 1 (cli.py derives it from data.env)", vector_size,
+        )
         require(0.0 <= gamma < 1.0, "model.gamma", "in [0, 1)", gamma)
         require(0.0 < tau <= 1.0, "model.tau", "in (0, 1]", tau)
         require(
@@ -201,19 +207,11 @@ class TD3(DrivingModule):
             for network in (self.actor, self.critic, self.actor_target, self.critic_target):
                 for part in network.children():
                     part.compile()
-        # This process's progress, advanced by its Collector and by training_step, saved with every checkpoint.
-        # Under DDP every process collects its own env steps and episodes; updates are the same on all of them.
-        # `updates` counts update steps, skipped ones included (the policy delay runs on it, and whether an update
-        # was skipped is known on the device only); `skipped_updates` says how many of them changed nothing.
-        self.env_steps = 0
-        self.episodes = 0
-        self.updates = 0
+        # Advanced by the Collector and by training_step, saved with every checkpoint (as td3_progress).
+        self.progress = RunProgress()
         # On the device so that an update never waits for the host; not in the state_dict (saved as td3_progress).
-        self.register_buffer("_nonfinite", torch.tensor([0, 0, 0, -1, 0]), persistent=False)
+        self.register_buffer("skip_record", nonfinite.new_record(), persistent=False)
         self._graphed_update: GraphedUpdate | None = None
-        # The whole run's env steps and episodes (summed over processes) as of the last time scalars were logged.
-        self.run_env_steps = 0
-        self.run_episodes = 0
         # Loaded from an exported actor: the critics are as built, untrained, and have nothing to say.
         self.actor_only = False
         # The env's `camera` the networks learned from: set by fit, kept in checkpoints and exports (None: unknown,
@@ -231,33 +229,12 @@ class TD3(DrivingModule):
     def require_env(self, env: EnvConfig) -> None:
         """Refuse an env whose vector these networks cannot read, or whose frames they did not learn from, before
         any episode runs."""
-        if env.vector_size != self.hparams.vector_size:
-            gives = (
-                f"data.env gives vectors of {env.vector_size} (4 + 2 x num_waypoints={env.num_waypoints}, + 2 with "
-                f"observe_leader={env.observe_leader})"
-            )
-            if not self.from_checkpoint:
-                raise ConfigError(
-                    f"model.init_args.vector_size is {self.hparams.vector_size} but {gives}; set "
-                    f"model.init_args.vector_size: {env.vector_size}"
-                )
-            # Trained weights read only vectors of their size: the env must change, not the setting.
-            options = _env_options_giving(self.hparams.vector_size, env)
-            raise ConfigError(
-                f"the agent in {self._checkpoint_name()} was trained on vectors of {self.hparams.vector_size} but "
-                f"{gives}: give the env it was trained on (its run's config)"
-                + (f", e.g. {' or '.join(options)}" if options else "")
-            )
-        if self.trained_camera is not None and env.camera != self.trained_camera:
-            raise ConfigError(
-                f"the agent learned from frames of {self.trained_camera} but data.env gives frames of {env.camera}: "
-                "give the env it was trained on (its run's config)"
-            )
+        td3_checkpoint.require_env(self, env)
 
     def setup(self, stage: str) -> None:
-        # The env is checked later (`_require_attached_env`): with --ckpt_path, the weights it must fit are read
-        # after setup, and the CLI has taken vector_size from the checkpoint.
-        env = self._attached_env()
+        # The env is checked later (`td3_checkpoint.require_attached_env`): with --ckpt_path, the weights it must fit
+        # are read after setup, and the CLI has taken vector_size from the checkpoint.
+        env = td3_checkpoint.attached_env(self)
         if env is not None and stage == "fit":
             # A resumed checkpoint's records replace these (and its camera is checked).
             self.trained_camera, self.trained_env = env.camera, env.settings()
@@ -269,7 +246,7 @@ class TD3(DrivingModule):
     def configure_optimizers(self):
         # Fit's env check (see `setup`): its first hook after any checkpoint is restored, before the Collector steps
         # an env.
-        self._require_attached_env()
+        td3_checkpoint.require_attached_env(self)
         # Fused Adam (one kernel for all parameters) exists for CUDA and CPU tensors alike. Capturable: its step
         # may be recorded in a CUDA graph (model.cuda_graph); its step counts live on the device either way.
         capturable = self.hparams.cuda_graph
@@ -279,7 +256,8 @@ class TD3(DrivingModule):
         )
 
     def on_train_start(self) -> None:
-        self._nonfinite[UPDATE] = self.updates  # the device's count of updates starts where the host's stands
+        # The device's count of updates starts where the host's stands.
+        self.skip_record[nonfinite.UPDATE] = self.updates
         if self.hparams.lr_decay_updates:
             # A tensor on the device, decayed in place (`_decay_learning_rates`) so that the CUDA graphs recorded
             # below read it at every replay; its value comes from the update count, not from a resumed optimizer.
@@ -305,38 +283,40 @@ class TD3(DrivingModule):
 
         # Logging on multiples of the policy delay catches an actor update too.
         if update % hp.log_every_n_updates == 0:
-            self._log_update(update, stats)
-            self._stop_after_too_many_skipped(update)
+            td3_logging.log_update(self, update, stats)
+            nonfinite.stop_after_too_many_skipped(self, update)
         if update % hp.log_images_every_n_updates == 0:
-            self._log_visuals(batch["image"])
+            td3_logging.log_visuals(self, batch["image"])
 
     def _update(self, batch: dict[str, torch.Tensor], optimizers: Sequence, actor_step: bool) -> UpdateStats:
-        """One TD3 update without a host sync, so that it can also be recorded as a CUDA graph.
+        """One TD3 update (the critics, then on `actor_step` the actor and the targets) without a host sync, so that
+        it can also be recorded as a CUDA graph.
 
         A NaN/Inf loss or gradient (from the batch or a diverging network) makes its optimizer step and the Polyak
-        update no-ops on the device (`ok`), and is counted there.
+        update no-ops on the device (`ok`), and is counted there (`nonfinite`).
         """
         hp = self.hparams
+        world_size = self.trainer.world_size
         actor_optimizer, critic_optimizer = optimizers
         image, vector, action = batch["image"], batch["vector"], batch["action"]
-        next_image = batch["next_image"]
+        next_image, next_vector = batch["next_image"], batch["next_vector"]
         if hp.image_shift:
             image, next_image = random_shift(image, hp.image_shift), random_shift(next_image, hp.image_shift)
 
         # Critic: regress both Q heads onto the clipped double-Q target of the smoothed target policy.
         with torch.no_grad():
             next_action = smoothed_target_action(
-                self.actor_target(next_image, batch["next_vector"]), hp.policy_noise, hp.noise_clip
+                self.actor_target(next_image, next_vector), hp.policy_noise, hp.noise_clip
             )
-            next_q1, next_q2 = self.critic_target(next_image, batch["next_vector"], next_action)
+            next_q1, next_q2 = self.critic_target(next_image, next_vector, next_action)
             target_q = clipped_double_q_target(
                 batch["reward"], batch["steps"], batch["terminated"], next_q1, next_q2, hp.gamma
             )
         q1, q2 = self.critic(image, vector, action)
         critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
         critic_grad_norm = self._backward(critic_optimizer, critic_loss, self.critic)
-        ok = self._finite(critic_loss, critic_grad_norm)
-        self._clip_and_step(critic_optimizer, ok)
+        ok = nonfinite.all_finite(critic_loss, critic_grad_norm, world_size)
+        nonfinite.clip_and_step(self, critic_optimizer, ok)
         stats = UpdateStats(critic_loss, q1, critic_grad_norm)
 
         # Actor (delayed): follow the first critic's gradient, then let the targets trail the online nets.
@@ -344,11 +324,12 @@ class TD3(DrivingModule):
             with self.toggled_optimizer(actor_optimizer):  # the critic is followed here, not trained: no grads
                 stats.actor_loss = -self.critic.q1(image, vector, self.actor(image, vector)).mean()
                 stats.actor_grad_norm = self._backward(actor_optimizer, stats.actor_loss, self.actor)
-                ok = ok & self._finite(stats.actor_loss, stats.actor_grad_norm)  # and no actor step after a skip
-                self._clip_and_step(actor_optimizer, ok)
+                # And no actor step after a skipped critic step.
+                ok = ok & nonfinite.all_finite(stats.actor_loss, stats.actor_grad_norm, world_size)
+                nonfinite.clip_and_step(self, actor_optimizer, ok)
             _polyak_update(self.actor, self.actor_target, hp.tau, ok)
             _polyak_update(self.critic, self.critic_target, hp.tau, ok)
-        self._count_skipped(ok)
+        nonfinite.count_skipped(self.skip_record, ok, hp.max_nonfinite_updates)
         return stats
 
     # --- acting ------------------------------------------------------------------------------------------------
@@ -380,133 +361,33 @@ class TD3(DrivingModule):
     @property
     def skipped_updates(self) -> int:
         """Update steps that changed nothing for a NaN/Inf loss or gradient (a host sync: not for every update)."""
-        return int(self._nonfinite[SKIPPED])
+        return int(self.skip_record[nonfinite.SKIPPED])
 
     @skipped_updates.setter
     def skipped_updates(self, value: int) -> None:
-        self._nonfinite[SKIPPED] = value
+        self.skip_record[nonfinite.SKIPPED] = value
 
-    # --- checkpoint: what Lightning does not save itself --------------------------------------------------------
+    # --- checkpoints, evaluation and logging: see td3_checkpoint and td3_logging ---------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # (env steps, episodes) of every process; the run's totals are their sums.
-        per_process = gather_per_process((self.env_steps, self.episodes))
-        checkpoint[CHECKPOINT_KEY] = {
-            "env_steps": sum(env_steps for env_steps, _ in per_process),
-            "episodes": sum(episodes for _, episodes in per_process),
-            "per_process": per_process,
-            "updates": self.updates,
-            "skipped_updates": self.skipped_updates,
-            "camera": self.trained_camera,
-            "env": self.trained_env,
-            # The same on every process: seeded alike and drawn from alike (the target smoothing noise).
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": arrays_to_tensors(np.random.get_state(legacy=False)),
-                "python": random.getstate(),
-            },
-        }
+        td3_checkpoint.save(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.from_checkpoint = True
-        if ACTOR_ONLY_KEY in checkpoint:
-            self._load_shipped_actor(checkpoint)
-            return
-        progress = checkpoint.get(CHECKPOINT_KEY)
-        if progress is None:
-            raise CheckpointError(
-                f"{self._checkpoint_name()} has no '{CHECKPOINT_KEY}' entry: it was not written by "
-                "lightning_td3.td3.TD3 (nor by `python -m lightning_td3.export`)"
-            )
-        self._check_fits(checkpoint["state_dict"], checkpoint.get("hyper_parameters", {}))
-        self._load_trained_camera(progress)
-        self.trained_env = progress.get("env")  # absent from checkpoints written before it was kept
-        self.run_env_steps = progress["env_steps"]
-        self.run_episodes = progress["episodes"]
-        self.updates = progress["updates"]
-        self.skipped_updates = progress.get("skipped_updates", 0)  # absent from checkpoints before it was counted
-        if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:  # evaluation needs no more
-            self.env_steps, self.episodes = own_state(self.trainer, progress["per_process"], "the counters")
-        rng = progress["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(tensors_to_arrays(rng["numpy"]))
-        random.setstate(rng["python"])
+        td3_checkpoint.load(self, checkpoint)
 
     def on_validation_start(self) -> None:
-        self._require_attached_env()  # validate: after the checkpoint is restored, before the first episode
+        td3_checkpoint.require_attached_env(self)  # validate: after the checkpoint is restored, before any episode
 
     def on_test_start(self) -> None:
-        self._require_attached_env()
+        td3_checkpoint.require_attached_env(self)
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._log_evaluation()
-        self._sync_run_totals_and_log_episodes()  # every training episode is logged before a stop
+        td3_logging.sync_run_totals_and_log_episodes(self)  # every training episode is logged before a stop
         self.log_vs_env_steps(metrics)
 
-    def _load_shipped_actor(self, checkpoint: dict) -> None:
-        # An exported actor holds no critic, optimizer or replay: it can be evaluated, not trained further.
-        if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
-            raise CheckpointError(
-                f"{self._checkpoint_name()} holds only an actor's weights, for validate/test; to train, resume "
-                "from a full training checkpoint (e.g. --ckpt_path last) or start without --ckpt_path"
-            )
-        shipped = checkpoint[ACTOR_ONLY_KEY]
-        self._check_fits(checkpoint["state_dict"], shipped["hyper_parameters"], part="actor.")
-        self._load_trained_camera(shipped)
-        self.trained_env = shipped.get("env")
-        self.run_env_steps = shipped["env_steps"]  # where its evaluation goes on the env-step axis
-        self.actor_only = True
-        # The critic stays as built; filling it in keeps Lightning's strict loading, which still guards the actor.
-        own = self.state_dict()
-        checkpoint["state_dict"] = {
-            **own, **{name: value.to(own[name].dtype) for name, value in checkpoint["state_dict"].items()}
-        }
-
-    def _load_trained_camera(self, record: dict) -> None:
-        """Take the checkpoint's camera and hold the attached env to it (without a trainer, as in
-        `load_from_checkpoint`, the caller's `require_env` does it)."""
-        if record.get("camera") is not None:  # else (an older checkpoint) it stays as setup found it
-            self.trained_camera = EnvConfig.complete_camera(record["camera"])
-        self._require_attached_env()
-
-    def _require_attached_env(self) -> None:
-        env = self._attached_env()
-        if env is not None:
-            self.require_env(env)
-
-    def _attached_env(self) -> EnvConfig | None:
-        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        return getattr(data, "env", None)
-
-    def _check_fits(self, state_dict: dict[str, torch.Tensor], trained_with: dict, part: str = "") -> None:
-        """A clear error instead of PyTorch's size-mismatch wall when the checkpoint was built differently.
-
-        `part` limits the comparison to the parameters whose names start with it (an exported actor: "actor.").
-        """
-        own = {name: value for name, value in self.state_dict().items() if name.startswith(part)}
-        problem = next((f"lacks '{name}'" for name in own if name not in state_dict), None)
-        for name, value in state_dict.items():
-            if problem is not None:
-                break
-            if name not in own:
-                problem = f"has '{name}', which this model lacks"
-            elif value.shape != own[name].shape:
-                problem = f"has '{name}' of shape {tuple(value.shape)}, this model {tuple(own[name].shape)}"
-        if problem is None:
-            return
-        built = {name: trained_with[name] for name in ARCHITECTURE_HPARAMS if name in trained_with}
-        here = {name: self.hparams[name] for name in ARCHITECTURE_HPARAMS}
-        raise CheckpointError(
-            f"{self._checkpoint_name()} does not fit this model: it {problem}. It was trained with {built}; "
-            f"this model is built with {here}; set the same model.init_args"
-        )
-
-    def _checkpoint_name(self) -> str:
-        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-        return f"checkpoint {path}" if path else "the checkpoint"
+    def log_vs_env_steps(self, scalars: dict[str, float]) -> None:
+        td3_logging.log_vs_env_steps(self, scalars)
 
     # --- helpers -----------------------------------------------------------------------------------------------
 
@@ -521,59 +402,12 @@ class TD3(DrivingModule):
         # Measured before clipping, so the log shows how hard clipping works.
         return torch.nn.utils.get_total_norm([p.grad for p in network.parameters() if p.grad is not None])
 
-    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-        """Whether the loss and gradient are finite, as a device bool (reading it would be a host sync).
-
-        Under DDP the processes agree (a MIN all-reduce), so that their weights and skip counters stay identical.
-        """
-        ok = torch.isfinite(loss.detach() + grad_norm)
-        if self.trainer.world_size > 1:
-            agreed = ok.float()
-            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
-            ok = agreed.bool()
-        return ok
-
-    def _clip_and_step(self, optimizer, ok: torch.Tensor) -> None:
-        """Clip and step, or leave the weights, moments and step count alone where `ok` is false.
-
-        Fused Adam reads `found_inf` on the device, the way GradScaler skips steps: its kernel returns at once and
-        the step count it advanced is taken back.
-        """
-        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
-        getattr(optimizer, "optimizer", optimizer).found_inf = (~ok).float()  # on the torch optimizer itself
-        optimizer.step()
-
     def _decay_learning_rates(self, update: int) -> None:
         hp = self.hparams
         fraction = decayed_lr_fraction(update, hp.lr_decay_updates, hp.final_lr_fraction)
         for optimizer, start_lr in zip(self.optimizers(), (hp.actor_lr, hp.critic_lr)):
             for group in optimizer.optimizer.param_groups:
                 group["lr"].fill_(start_lr * fraction)
-
-    @torch.no_grad()
-    def _count_skipped(self, ok: torch.Tensor) -> None:
-        skipped, streak, streak_start, tripped_start, update = self._nonfinite.unbind()  # views, updated in place
-        streak_start.copy_(torch.where(streak == 0, update, streak_start))  # a streak, if any, begins here
-        streak.add_(1).mul_((~ok).long())
-        skipped.add_((~ok).long())
-        tripped = (streak >= self.hparams.max_nonfinite_updates) & (tripped_start < 0)
-        tripped_start.copy_(torch.where(tripped, streak_start, tripped_start))
-        update.add_(1)
-
-    def _stop_after_too_many_skipped(self, update: int) -> None:
-        """On logging steps: stop the run with a checkpoint if a streak of skipped updates reached the limit since."""
-        tripped_start = int(self._nonfinite[TRIPPED_START])
-        if tripped_start < 0:
-            return
-        path = save_last_checkpoint(self.trainer)
-        limit = self.hparams.max_nonfinite_updates
-        raise TrainingAborted(
-            f"{limit} updates in a row had a NaN/Inf loss or gradient (model.max_nonfinite_updates={limit}), "
-            f"starting at update {tripped_start}; seen at update {update}, env step {self.env_steps} (checked every "
-            f"model.log_every_n_updates={self.hparams.log_every_n_updates} updates). Skipped updates change no "
-            f"weights. Checkpoint written to {path}. Look for NaN/Inf in observations or rewards, or lower the "
-            "learning rates, then resume with `fit --ckpt_path last`"
-        )
 
     def _check_cuda_graph_fits(self) -> None:
         """model.cuda_graph serves one CUDA device in full precision; say so before anything runs otherwise."""
@@ -590,84 +424,6 @@ class TD3(DrivingModule):
             f"false with trainer.precision {trainer.precision} (its autocast cache cannot be recorded in a graph; "
             "model.bf16_cnn can)", True,
         )
-
-    def _log_update(self, update: int, stats: UpdateStats) -> None:
-        self._sync_run_totals_and_log_episodes()
-        scalars = {
-            "train/critic_loss": stats.critic_loss.item(),
-            "train/q_mean": stats.q1.mean().item(),
-            "train/q_max": stats.q1.max().item(),
-            "train/critic_grad_norm": stats.critic_grad_norm.item(),
-            "train/updates": float(update),
-            "train/skipped_updates": float(self.skipped_updates),
-        }
-        actor_optimizer, critic_optimizer = self.optimizers()
-        scalars["train/actor_lr"] = float(actor_optimizer.optimizer.param_groups[0]["lr"])
-        scalars["train/critic_lr"] = float(critic_optimizer.optimizer.param_groups[0]["lr"])
-        if stats.actor_loss is not None:
-            scalars["train/actor_loss"] = stats.actor_loss.item()
-            scalars["train/actor_grad_norm"] = stats.actor_grad_norm.item()
-        self.log_dict(scalars, batch_size=1)  # the dataloader_iter step flavour makes Lightning ask
-        self.log_vs_env_steps(scalars)
-
-    def _sync_run_totals_and_log_episodes(self) -> None:
-        """The run's totals brought up to date (a collective), then the training episodes finished since last logged."""
-        if self._sync_run_totals():
-            self._log_training_episodes()
-
-    def _sync_run_totals(self) -> int:
-        """Sum env steps, episodes and unlogged training episodes over the processes into the run's totals.
-
-        A collective under DDP: every process calls it at the same update. Returns the run's unlogged episodes.
-        """
-        counts = torch.tensor(
-            [self.env_steps, self.episodes, int(self.train_episode_metrics.episodes)], device=self.device
-        )
-        self.run_env_steps, self.run_episodes, unlogged_episodes = self.trainer.strategy.reduce(
-            counts, reduce_op="sum"
-        ).tolist()
-        return unlogged_episodes
-
-    def _log_training_episodes(self) -> None:
-        with warnings.catch_warnings():
-            # A process that finished no episode since the last log still takes part in the reduction.
-            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
-            metrics = {name: value.item() for name, value in self.train_episode_metrics.compute().items()}
-        self.train_episode_metrics.reset()
-        self.log_vs_env_steps(metrics)
-
-    def log_vs_env_steps(self, scalars: dict[str, float]) -> None:
-        # Logged against the run's env steps too: global_step counts optimizer steps, which mean little to an RL
-        # reader. The x value is the total at the last sync of the counters (every `log_every_n_updates`).
-        experiment = self._tensorboard()
-        if experiment is not None:
-            for name, value in scalars.items():
-                experiment.add_scalar(f"{name}_vs_env_steps", value, self.run_env_steps)
-
-    def _log_visuals(self, image: torch.Tensor) -> None:
-        experiment = self._tensorboard()
-        if experiment is None:
-            return
-        step = self.run_env_steps
-        # The four stacked frames of one sample, side by side, as the CNNs see them.
-        experiment.add_image("obs/camera_stack", torch.cat(list(image[0]), dim=1).unsqueeze(0), step)
-        for name, network in (("actor", self.actor), ("critic", self.critic)):
-            for param_name, param in network.named_parameters():
-                for kind, values in (("weights", param.detach()), ("grads", param.grad)):
-                    # A skipped update leaves its NaN/Inf gradients in place, and those make no histogram.
-                    if values is not None and values.isfinite().all():
-                        experiment.add_histogram(f"{kind}/{name}.{param_name}", values.float().cpu(), step)
-            with torch.no_grad():
-                features = network.cnn(image)
-            experiment.add_scalar(f"cnn/{name}_feature_mean", features.mean().item(), step)
-            experiment.add_scalar(f"cnn/{name}_feature_std", features.std().item(), step)
-            experiment.add_scalar(f"cnn/{name}_feature_negative_fraction", (features < 0).float().mean().item(), step)
-
-    def _tensorboard(self):
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                return logger.experiment
-        return None
 
 
 class _ActorPolicy:
@@ -689,24 +445,6 @@ class _ActorPolicy:
 
 def _batch_of_one(observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {key: value[None] for key, value in observation.items()}
-
-
-def _env_options_giving(vector_size: int, env: EnvConfig) -> list[str]:
-    """The `--data.env` options that make `env` give vectors of `vector_size` (see `EnvConfig.vector_size`): one way
-    with observe_leader on, one with it off (where num_waypoints >= 1 allows), fewest changes first. The size alone
-    cannot tell which of them the agent was trained on."""
-    fits = []
-    # observe_leader first on a tie: toggling it is the likelier difference (the shipped configs differ in it,
-    # never in num_waypoints).
-    for leader in (not env.observe_leader, env.observe_leader):
-        waypoints, odd = divmod(vector_size - 4 - (2 if leader else 0), 2)
-        if waypoints >= 1 and not odd:
-            wanted = {"observe_leader": leader, "num_waypoints": waypoints}
-            fits.append({name: value for name, value in wanted.items() if getattr(env, name) != value})
-    return [
-        " ".join(f"--data.env.{name} {str(value).lower()}" for name, value in changes.items())
-        for changes in sorted(fits, key=len)
-    ]
 
 
 def _let_ddp_find_unused_parameters(strategy: DDPStrategy) -> None:

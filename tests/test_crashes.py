@@ -101,13 +101,13 @@ def test_the_replayed_crashes_are_the_crash_transitions_still_held_grouped_by_wh
 
 
 def test_reading_the_critic_of_an_exported_actor_is_refused_naming_the_file():
-    shipped = ROOT / "agents/td3_cpu_scenario1_curvy_headway.ckpt"
+    shipped = ROOT / "agents/scenario1_curvy_asymmetric.ckpt"
     with pytest.raises(SystemExit) as stopped:
-        main(["--config", str(ROOT / "configs/experiments/h100.yaml"), "--ckpt", str(shipped), "--seed", "0",
+        main(["--config", str(ROOT / "configs/experiments/scenario1_curvy_asymmetric.yaml"), "--ckpt", str(shipped), "--seed", "0",
               "--critic"])
     assert "exported actor" in str(stopped.value.code) and str(shipped) in str(stopped.value.code)
     with pytest.raises(SystemExit) as stopped:
-        main(["--config", str(ROOT / "configs/experiments/h100.yaml"), "--ckpt", str(shipped), "--seed", "0",
+        main(["--config", str(ROOT / "configs/experiments/scenario1_curvy_asymmetric.yaml"), "--ckpt", str(shipped), "--seed", "0",
               "--replay", str(ROOT / "no-such-replay.bin")])
     assert "exported actor" in str(stopped.value.code) and str(shipped) in str(stopped.value.code)
 

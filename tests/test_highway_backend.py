@@ -15,13 +15,8 @@ from highway_env.vehicle.kinematics import Vehicle
 
 from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.envs.contract import LEADER_RANGE_M, SPEED_SCALE_MPS
-from lightning_td3.envs.highway_backend import (
-    EGO_COLOR,
-    FIRST_BEND_AFTER_START_M,
-    GRAYSCALE_WEIGHTS,
-    LANE_WIDTH_M,
-    HighwayBackend,
-)
+from lightning_td3.envs.highway_backend import EGO_COLOR, GRAYSCALE_WEIGHTS, HighwayBackend
+from lightning_td3.envs.highway_road import FIRST_BEND_AFTER_START_M, LANE_WIDTH_M
 
 EMPTY_ROAD = dict(traffic_density=0.0)
 LOOKAHEAD_WAYPOINT = 4  # pure pursuit aims at the 5th waypoint, 10 m ahead with the default spacing

@@ -79,7 +79,8 @@ def test_the_cli_names_a_bad_env_setting_as_its_option():
 def test_a_fit_from_scratch_is_told_to_set_the_vector_size_before_any_env_runs(tmp_path, monkeypatch):
     plan = install(monkeypatch, FaultPlan())
     with pytest.raises(ConfigError) as raised:
-        fit(tmp_path, **{"data.env.num_waypoints": 6})  # the tiny run's model reads vectors of 14
+        # Set, not derived from data.env: the model reads vectors of 14, the env gives 16.
+        fit(tmp_path, **{"model.init_args.vector_size": 14, "data.env.num_waypoints": 6})
     assert str(raised.value) == (
         "model.init_args.vector_size is 14 but data.env gives vectors of 16 (4 + 2 x num_waypoints=6, + 2 with "
         "observe_leader=False); set model.init_args.vector_size: 16"
@@ -88,10 +89,11 @@ def test_a_fit_from_scratch_is_told_to_set_the_vector_size_before_any_env_runs(t
 
 
 def test_a_checkpoint_is_told_to_get_the_env_it_was_trained_on_not_another_vector_size():
-    agent = ROOT / "agents/td3_cpu_scenario1_curvy_radar.ckpt"  # trained with the car ahead: vectors of 56
+    agent = ROOT / "agents/scenario1_curvy_asymmetric.ckpt"  # trained with the car ahead: vectors of 56
     with pytest.raises(ConfigError) as raised:
-        cli.main(["validate", "--config", str(ROOT / "configs/experiments/h100.yaml"), "--trainer.accelerator", "cpu",
-                  "--trainer.logger", "false", "--ckpt_path", str(agent)])
+        # The checkpoint's env goes under the config: taking its car-ahead entries away takes an option.
+        cli.main(["validate", "--config", str(ROOT / "configs/experiments/scenario0_straight_capped.yaml"),
+                  "--data.env.observe_leader", "false", "--ckpt_path", str(agent)])
     assert str(raised.value) == (
         f"the agent in checkpoint {agent} was trained on vectors of 56 but data.env gives vectors of 54 (4 + 2 x "
         "num_waypoints=25, + 2 with observe_leader=False): give the env it was trained on (its run's config), e.g. "

@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_env_of_an_experiment_config_is_the_one_it_trains_on():
-    env = env_config_of(ROOT / "configs/experiments/h100.yaml")
+    env = env_config_of(ROOT / "configs/experiments/scenario1_curvy_asymmetric.yaml")
     assert (env.scenario, env.layout, env.route_length_m, env.max_steps) == (1, "curvy", 300.0, 150)
-    assert env.reward.progress_up_to_target_speed and env.reward.headway == 0.0
+    assert env.reward.progress_up_to_target_speed and env.reward.headway == 1.0 and env.observe_leader
 
 
 @pytest.mark.parametrize(
@@ -38,31 +38,32 @@ def test_a_config_without_a_usable_env_is_refused_naming_the_file_or_the_setting
         env_config_of(config)
 
 
-def test_layered_configs_give_the_env_the_cli_would_build_from_them():
-    layers = [ROOT / "configs/experiments" / f"{name}.yaml" for name in ("h100", "cpu_scenario1_curvy_headway",
-                                                                         "cpu_scenario1_curvy_drq",
-                                                                         "cpu_scenario1_curvy_radar")]
+def test_layered_configs_give_the_env_the_cli_would_build_from_them(tmp_path):
+    radar = tmp_path / "radar.yaml"
+    radar.write_text("data:\n  env:\n    observe_leader: true\n    reward:\n      headway: 1.0\n")
+    layers = [ROOT / "configs/experiments/scenario0_straight_capped.yaml", ROOT / "configs/td3.yaml", radar]
     env = env_config_of(*layers)
-    # h100.yaml's task and reward, the headway weight from the second file, observe_leader from the last; the third
-    # has no data section
-    assert (env.scenario, env.layout, env.route_length_m) == (1, "curvy", 300.0)
+    # The first file's task and reward, observe_leader and the headway weight from the last; the second has no data
+    # section
+    assert (env.scenario, env.layout, env.route_length_m) == (0, "straight", 300.0)
     assert env.reward.progress_up_to_target_speed and env.reward.headway == 1.0 and env.observe_leader
     assert env == cli.main([f"--config={layer}" for layer in layers], run=False).datamodule.env
-    assert not env_config_of(*layers[:3]).observe_leader
+    assert not env_config_of(*layers[:2]).observe_leader
 
 
 def test_the_crash_report_answers_a_bad_config_with_one_line(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("data:\n  env:\n    layout: spiral\n")
-    args = ["--config", str(config), "--ckpt", str(ROOT / "agents/td3_cpu_scenario0.ckpt"), "--seed", "0"]
+    args = ["--config", str(config), "--ckpt", str(ROOT / "agents/scenario0_straight_capped.ckpt"), "--seed", "0"]
     with pytest.raises(SystemExit) as stop:
         crashes.main(args)
     assert str(stop.value).startswith("error: data.env.layout must be one of") and "\n" not in str(stop.value)
 
 
 def test_the_tools_take_layered_configs_and_refuse_an_env_the_agent_cannot_read(tmp_path, capsys):
-    agent = str(ROOT / "agents/td3_cpu_scenario1_curvy_radar.ckpt")  # its vector has the car ahead: 56 entries
-    base, radar = (str(ROOT / "configs/experiments" / f"{name}.yaml") for name in ("h100", "cpu_scenario1_curvy_radar"))
+    agent = str(ROOT / "agents/scenario1_curvy_asymmetric.ckpt")  # its vector has the car ahead: 56 entries
+    base, radar = (str(ROOT / "configs/experiments" / f"{name}.yaml")
+                   for name in ("scenario0_straight_capped", "scenario1_curvy_asymmetric"))
     gif = tmp_path / "episode.gif"
     for tool, args in (
         (crashes.main, ["--config", base, "--ckpt", agent, "--seed", "50000", "--episodes", "1"]),

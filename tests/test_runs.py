@@ -177,7 +177,7 @@ def test_a_fit_that_fails_before_training_leaves_no_run_folder(tmp_path):
 
 
 def test_training_on_from_a_shipped_agent_is_refused_in_one_line_leaving_no_folder(tmp_path):
-    agent = ROOT / "agents" / "td3_cpu_scenario0_capped.ckpt"
+    agent = ROOT / "agents" / "scenario0_straight_capped.ckpt"
     completed = run_cli("fit", "--config", str(QUICKSTART), "--ckpt_path", str(agent), cwd=tmp_path, timeout=120)
     assert completed.returncode != 0
     assert completed.stderr.strip().splitlines()[-1].startswith(

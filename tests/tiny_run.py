@@ -32,7 +32,7 @@ def tiny_config(run_dir: Path, **overrides) -> Path:
         },
         "model": {
             "class_path": "lightning_td3.td3.TD3",
-            "init_args": {"vector_size": 14, "hidden_sizes": [16], "log_every_n_updates": 2,
+            "init_args": {"hidden_sizes": [16], "log_every_n_updates": 2,
                           "log_images_every_n_updates": 6},
         },
         "data": {

@@ -5,6 +5,9 @@ rings to servers as before). A server that does not answer, when training starts
 its envs after a failure, is left out with a warning naming it and the process goes on with the envs of the
 servers that do (its ring keeps what it holds); only a process left with none stops: with one error naming its
 servers at start, through the collective stop (`fault_tolerance.stop_together`) mid-run.
+
+The datamodule and the Collector ask here for any backend (`training_envs`, `ring_servers`, `live_envs`): without a
+server list every training env runs the one `data.env` and counts as live.
 """
 
 from __future__ import annotations
@@ -55,6 +58,19 @@ def answering_servers(servers: list[CarlaServer], config: CarlaConfig) -> list[C
     return live
 
 
+def training_envs(env: EnvConfig, num_envs: int, rank: int, world_size: int) -> tuple[list[EnvConfig], list[int]]:
+    """Process `rank`'s training envs, for any backend: one config per env (and replay ring), from
+    `training_env_configs`, and the indices of those that run, from `live_envs`."""
+    configs = training_env_configs(env, num_envs, rank, world_size)
+    return configs, live_envs(env, configs, range(len(configs)))
+
+
+def ring_servers(env: EnvConfig, configs: Sequence[EnvConfig]) -> list[str] | None:
+    """`host:port` of the server behind each training env (and replay ring), in ring order; None without a server
+    list, where the envs are interchangeable."""
+    return [f"{config.carla.host}:{config.carla.port}" for config in configs] if uses_server_list(env) else None
+
+
 def training_env_configs(env: EnvConfig, num_envs: int, rank: int, world_size: int) -> list[EnvConfig]:
     """One env config per training env (and replay ring) of process `rank`: one per server of its slice, or else
     `num_envs` copies of `env` (the highway backend, or CARLA on the one `host:port`)."""
@@ -68,10 +84,6 @@ def training_env_configs(env: EnvConfig, num_envs: int, rank: int, world_size: i
 
 def uses_server_list(env: EnvConfig) -> bool:
     return env.backend == "carla" and bool(env.carla.servers)
-
-
-def server_address(config: EnvConfig) -> str:
-    return f"{config.carla.host}:{config.carla.port}"
 
 
 def live_envs(env: EnvConfig, configs: Sequence[EnvConfig], among: Sequence[int]) -> list[int]:

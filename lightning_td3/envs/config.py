@@ -12,7 +12,12 @@ from pathlib import Path
 
 from lightning_td3.errors import require
 
-BACKENDS = ("highway", "carla")
+# Each backend by the name data.env.backend gives: (module, class), imported when an env of it is built
+# (`contract.make_backend`): the backends import the contract module that builds them.
+BACKENDS = {
+    "highway": ("lightning_td3.envs.highway_backend", "HighwayBackend"),
+    "carla": ("lightning_td3.envs.carla_backend", "CarlaBackend"),
+}
 LAYOUTS = ("straight", "curvy")
 SCENARIOS = {0: "light", 1: "medium", 2: "dense"}
 IMAGE_SIZE = 84
@@ -199,7 +204,7 @@ class EnvConfig:
             self.reward = RewardConfig(**self.reward)
         if isinstance(self.carla, dict):
             self.carla = CarlaConfig(**self.carla)
-        require(self.backend in BACKENDS, "data.env.backend", f"one of {BACKENDS}", self.backend)
+        require(self.backend in BACKENDS, "data.env.backend", f"one of {tuple(BACKENDS)}", self.backend)
         require(
             isinstance(self.scenario, int) and self.scenario in SCENARIOS,
             "data.env.scenario",

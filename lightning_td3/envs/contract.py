@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import gymnasium as gym
 import numpy as np
 
-from lightning_td3.envs.config import FRAME_STACK, EnvConfig
+from lightning_td3.envs.config import BACKENDS, FRAME_STACK, EnvConfig
 from lightning_td3.envs.reward import RewardTerms, compute_reward
 
 # Normalisers of the vector observation (the seed's scales): each entry lands roughly in [-1, 1].
@@ -96,14 +96,8 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-_BACKENDS = {
-    "highway": ("lightning_td3.envs.highway_backend", "HighwayBackend"),
-    "carla": ("lightning_td3.envs.carla_backend", "CarlaBackend"),
-}
-
-
 def make_backend(config: EnvConfig) -> Backend:
-    module_name, class_name = _BACKENDS[config.backend]
+    module_name, class_name = BACKENDS[config.backend]
     return getattr(importlib.import_module(module_name), class_name)(config)
 
 
