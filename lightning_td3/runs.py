@@ -90,12 +90,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as why:
-        detail = str(why).splitlines()[0][:160]
         with open(path, "rb") as file:  # torch writes zip archives: a damaged one still starts like one
-            kind = "is damaged or truncated" if file.read(4) == ZIP_MAGIC else "is not a PyTorch checkpoint file"
+            damaged_archive = file.read(4) == ZIP_MAGIC
+        # What torch says of a damaged archive names the damage (its first sentence); of other bytes, it only
+        # speculates about weights_only.
+        detail = f" ({str(why).splitlines()[0].split('. ')[0]})" if damaged_archive else ""
+        kind = "is damaged or truncated" if damaged_archive else "is not a PyTorch checkpoint file"
         raise CheckpointError(
-            f"checkpoint {path} {kind} and cannot be loaded ({detail}); give another checkpoint, e.g. an earlier "
-            "one beside it"
+            f"checkpoint {path} {kind} and cannot be loaded{detail}; give another checkpoint, e.g. an earlier one "
+            "beside it"
         ) from None
     if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in LIGHTNING_KEYS):
         held = sorted(checkpoint)[:6] if isinstance(checkpoint, dict) else type(checkpoint).__name__
