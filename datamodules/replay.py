@@ -70,9 +70,10 @@ class ReplayDataModule(pl.LightningDataModule):
             sampled places cross to the GPU, not 14 MB of pixels per batch of 256. The batches are the same as
             without; the copy takes the buffer's size again in device memory (about 7.3 GB for 1M transitions),
             allocated at setup, before any env runs. On a CPU it would only double the replay's memory: refused there.
-        replay_files_kept: replay files each rank keeps, those of the newest checkpointed states. Replay is saved
-            in its own file per rank (`replay/` next to the checkpoints); a checkpoint whose replay file was pruned
-            still validates and tests, but cannot resume training.
+        replay_files_kept: replay files each rank keeps besides its newest, those of the states checkpointed
+            before it: a kill while the newest state's checkpoints are written leaves `last.ckpt` pointing at the one
+            before. Replay is saved in its own file per rank (`replay/` next to the checkpoints); a checkpoint whose
+            replay file was pruned still validates and tests, but cannot resume training.
     """
 
     def __init__(
@@ -183,7 +184,8 @@ class ReplayDataModule(pl.LightningDataModule):
                 "live_envs": list(self.live_envs),
             })
             self._saved_replay = (fingerprint, key)
-            for stale in shards_of_rank(directory, rank, world_size)[: -self.replay_files_kept]:
+            # Pruned before this state's checkpoints are on disk: the file the current last.ckpt names must stay.
+            for stale in shards_of_rank(directory, rank, world_size)[: -(self.replay_files_kept + 1)]:
                 stale.unlink(missing_ok=True)
         return {"replay_file": {"key": key, "world_size": world_size, "directory": str(directory)}}
 
@@ -211,8 +213,8 @@ class ReplayDataModule(pl.LightningDataModule):
             # means this one was pruned, none means it was lost.
             if any(shard.name > name for d in directories for shard in shards_of_rank(d, rank, world_size)):
                 raise CheckpointError(
-                    f"replay file {candidates[-1]} is missing: only the newest data.replay_files_kept="
-                    f"{self.replay_files_kept} replay files are kept, so older checkpoints validate and test but "
+                    f"replay file {candidates[-1]} is missing: only the newest replay file and data.replay_files_kept="
+                    f"{self.replay_files_kept} before it are kept, so older checkpoints validate and test but "
                     "cannot resume; resume from a newer one (e.g. last.ckpt beside it)"
                 )
             raise CheckpointError(

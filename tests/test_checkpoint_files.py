@@ -45,11 +45,15 @@ def test_a_failure_mid_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     assert torch.equal(io.load_checkpoint(path)["weights"], torch.arange(10))
 
 
-def test_two_epochs_keep_one_replay_file_shared_by_their_checkpoints_and_last(trained):
+def test_two_epochs_keep_the_replay_file_last_names_and_the_one_before(trained):
     checkpoints = trained / "checkpoints"
-    (replay_file,) = (checkpoints / "replay").iterdir()
+    # The newest, shared by the second epoch's checkpoint and last.ckpt, and the first epoch's: had the run been
+    # killed while the second epoch's checkpoints were written, last.ckpt would still name that one.
+    before, replay_file = sorted((checkpoints / "replay").iterdir())
     last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    first = torch.load(checkpoints / "epoch=0-step=9.ckpt", weights_only=True)  # 6 updates = 9 optimizer steps
     assert last["ReplayDataModule"]["replay_file"]["key"] in replay_file.name
+    assert first["ReplayDataModule"]["replay_file"]["key"] in before.name
     assert last["ReplayDataModule"]["replay_file"]["world_size"] == 1
     # Replay is not inside the checkpoint any more.
     assert set(last["ReplayDataModule"]) == {"replay_file"}
@@ -91,7 +95,7 @@ def test_a_damaged_replay_file_stops_the_resume_with_its_name_and_nothing_is_ove
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     (run_dir / "tiny.yaml").write_text((trained / "tiny.yaml").read_text().replace(str(trained), str(run_dir)))
-    (replay_file,) = (run_dir / "checkpoints" / "replay").iterdir()
+    replay_file = sorted((run_dir / "checkpoints" / "replay").iterdir())[-1]  # the newest: last.ckpt's
     replay_file.write_bytes(replay_file.read_bytes()[:-1000])  # as if the disk filled up mid-copy
     before = snapshot(run_dir / "checkpoints")
     with pytest.raises(CheckpointError, match="truncated") as raised:

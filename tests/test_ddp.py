@@ -202,9 +202,10 @@ def test_envs_failing_on_one_process_stop_every_process_with_one_checkpoint_that
     assert saved["callbacks"]["Collector"]["per_process"][1]["env_states"] is None  # rank 1 had no envs left
     assert 0 < saved["td3_progress"]["updates"] < 2 * UPDATES_PER_EPOCH
     record = saved["ReplayDataModule"]["replay_file"]
-    assert sorted(p.name for p in (tmp_path / "checkpoints" / "replay").glob("*.bin")) == [
-        f"replay-{record['key']}-rank{rank}-of{WORLD_SIZE}.bin" for rank in range(WORLD_SIZE)
-    ]
+    shards = {p.name for p in (tmp_path / "checkpoints" / "replay").glob("*.bin")}
+    # Each process's file of this checkpoint, and at most the one of the state saved before it.
+    assert {f"replay-{record['key']}-rank{rank}-of{WORLD_SIZE}.bin" for rank in range(WORLD_SIZE)} <= shards
+    assert len(shards) <= 2 * WORLD_SIZE
 
     # The simulator is back: the same two processes go on from the checkpoint to the end.
     code, output = DdpRun(ddp_config(tmp_path, **settings), "--ckpt_path", "last").finish()

@@ -118,9 +118,9 @@ def test_a_replay_file_pruned_for_a_newer_one_is_blamed_on_pruning(tmp_path):
     with pytest.raises(CheckpointError) as raised:
         resume_replay(tmp_path, OLDER)
     assert str(raised.value) == (
-        f"replay file {tmp_path / shard_name(OLDER, 0, 1)} is missing: only the newest data.replay_files_kept=1 "
-        "replay files are kept, so older checkpoints validate and test but cannot resume; resume from a newer one "
-        "(e.g. last.ckpt beside it)"
+        f"replay file {tmp_path / shard_name(OLDER, 0, 1)} is missing: only the newest replay file and "
+        "data.replay_files_kept=1 before it are kept, so older checkpoints validate and test but cannot resume; "
+        "resume from a newer one (e.g. last.ckpt beside it)"
     )
 
 
