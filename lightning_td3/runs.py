@@ -36,7 +36,8 @@ from lightning_td3.export import trained_settings
 LAST = "last"
 # Where a checkpoint records the log folder of the run that wrote it (`record_log_dir`).
 LOG_DIR_KEY = "log_dir"
-# Our checkpoints hold these; Lightning's hold the first two and the version of Lightning that wrote them.
+# What every Lightning checkpoint holds, ours (training or exported) included: the weights and the version of
+# Lightning that wrote them.
 LIGHTNING_KEYS = ("state_dict", "pytorch-lightning_version")
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -199,7 +200,7 @@ def fit_summary(trainer: pl.Trainer) -> str:
     if checkpoint is None:
         return "\n".join(lines)
     log_dir = _log_dir(trainer)
-    seed = getattr(trainer.datamodule, "eval_seed", 10_000)
+    seed = trainer.datamodule.eval_seed  # the first episode its evaluations drove
     lines += [
         f"Checkpoint: {checkpoint}",
         f"  evaluate: {shlex.join(['python', 'cli.py', 'validate', '--ckpt_path', str(checkpoint)])}",
