@@ -57,6 +57,9 @@ WARMUP_REPORT_EVERY = 1000  # env steps between warm-up progress lines
 # these as whole numbers (`lightning_td3.progress.ProgressBar`).
 COUNTERS = ("env_steps", "episodes")
 EPISODE_INFO = [field.name for field in fields(EpisodeResult)]  # what a finished env's final info must carry
+# What the Collector times with the trainer's profiler (`--trainer.profiler simple`; bench/breakdown.py reads them):
+# the policy's actions, the envs' step (with env processes, the wait for it), storing the transitions.
+PROFILED = {"act": "collector.act", "step": "collector.env_step", "store": "collector.store"}
 
 
 class CollectingModule(Protocol):
@@ -239,14 +242,16 @@ class Collector(pl.Callback):
             actions = self._rng.uniform(-1.0, 1.0, (num_envs, 2)).astype(np.float32)
         else:
             noise = self._rng.normal(0.0, self.exploration_noise, (num_envs, 2))
-            actions = np.clip(module.act(self._obs) + noise, -1.0, 1.0).astype(np.float32)
+            with trainer.profiler.profile(PROFILED["act"]):
+                actions = np.clip(module.act(self._obs) + noise, -1.0, 1.0).astype(np.float32)
         started = time.perf_counter()
         try:
-            if isinstance(self.envs, AsyncVectorEnv):
-                self.envs.step_async(actions)
-                outcome = None  # step_wait brings it
-            else:
-                outcome = self.envs.step(actions)
+            with trainer.profiler.profile(PROFILED["step"]):
+                if isinstance(self.envs, AsyncVectorEnv):
+                    self.envs.step_async(actions)
+                    outcome = None  # step_wait brings it
+                else:
+                    outcome = self.envs.step(actions)
         except Exception as error:  # whatever the simulator raised: the run goes on without this step
             self._recover(trainer, module, error)
             return
@@ -261,7 +266,8 @@ class Collector(pl.Callback):
         (actions, outcome), self._in_flight = self._in_flight, None
         started = time.perf_counter()
         try:
-            obs, reward, terminated, truncated, info = self.envs.step_wait() if outcome is None else outcome
+            with trainer.profiler.profile(PROFILED["step"]):
+                obs, reward, terminated, truncated, info = self.envs.step_wait() if outcome is None else outcome
         except Exception as error:  # whatever the simulator raised: the run goes on without this step
             module.env_steps -= len(actions)
             self._recover(trainer, module, error)
@@ -271,7 +277,8 @@ class Collector(pl.Callback):
         next_obs = _with_final_observations(obs, info, done)
         # Live env i writes ring live_envs[i]; the rings of envs left out (their server died) keep what they hold.
         data: CollectorData = trainer.datamodule
-        data.buffer.add(self._obs, actions, reward, next_obs, terminated, truncated, rings=data.live_envs)
+        with trainer.profiler.profile(PROFILED["store"]):
+            data.buffer.add(self._obs, actions, reward, next_obs, terminated, truncated, rings=data.live_envs)
         self._env_seconds += time.perf_counter() - started
         self._obs = obs
         if done.any():

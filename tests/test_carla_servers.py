@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from pytorch_lightning.profilers import PassThroughProfiler
 
 from datamodules.replay import ReplayDataModule
 from lightning_td3.collector import Collector
@@ -177,7 +178,7 @@ def collecting(data: ReplayDataModule) -> tuple[Collector, SimpleNamespace, Reco
     collector.envs = collector._make_envs(data)
     collector._rng = np.random.default_rng(0)
     collector._obs, _ = collector.envs.reset(seed=3)
-    return collector, SimpleNamespace(datamodule=data, global_rank=0), RecordingModule()
+    return collector, SimpleNamespace(datamodule=data, global_rank=0, profiler=PassThroughProfiler()), RecordingModule()
 
 
 def test_a_server_dying_mid_run_is_dropped_with_a_warning_and_collection_goes_on_with_the_rest(dying_servers):
