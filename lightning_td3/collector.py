@@ -367,12 +367,13 @@ class Collector(pl.Callback):
     def _own_state(self) -> dict:
         env_states = None  # no envs (they failed and were closed): a resumed run starts new episodes
         if self.envs is not None:
-            try:
+            # Asked first: an env that raised inside an asynchronous vector env's worker would end that worker.
+            if all(self.envs.get_attr("can_snapshot")):
                 # Pickled: simulator objects are not tensors, and bytes pass Lightning's weights_only loading.
                 env_states = pickle.dumps(list(self.envs.get_attr("simulator_state")))
-            except NotImplementedError as why:
-                warnings.warn(f"env state is not saved ({why}); a resumed run restarts its training episodes",
-                              stacklevel=2)
+            else:
+                warnings.warn("env state is not saved (a CARLA server's world cannot be snapshotted); a resumed run "
+                              "restarts its training episodes", stacklevel=2)
         return {
             "obs": arrays_to_tensors(self._obs),
             "env_states": env_states,

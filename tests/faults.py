@@ -9,6 +9,8 @@ import numpy as np
 import pytorch_lightning as pl
 
 from lightning_td3.envs import carla_backend, contract
+from lightning_td3.envs.config import EnvConfig
+from lightning_td3.envs.contract import DrivingEnv
 from lightning_td3.envs.highway_backend import HighwayBackend
 from lightning_td3.replay import ReplayBuffer
 from tests.test_carla_backend import FakeCarlaClient, FakeCarlaWorld
@@ -168,6 +170,13 @@ class DyingCarlaServers:
             if self.world.killed:
                 raise RuntimeError("time-out of 500ms while waiting for the simulator")
             return "0.9.16"
+
+
+def driving_env_on_doubles(addresses: list[str], config: EnvConfig) -> DrivingEnv:
+    """A `DrivingEnv` whose CARLA clients talk to `DyingCarlaServers(addresses)` of this process: picklable (with
+    `functools.partial`), so an asynchronous vector env's worker process builds its env against the doubles too."""
+    DyingCarlaServers(addresses).install()
+    return DrivingEnv(config)
 
 
 def _address(address: str) -> tuple[str, int]:

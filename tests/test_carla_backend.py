@@ -763,6 +763,7 @@ def test_close_destroys_every_spawned_actor_sensors_first_and_restores_the_world
 
 
 def test_state_snapshots_are_not_supported(backend):
+    assert not backend.can_snapshot  # what the Collector asks before asking for the state
     with pytest.raises(NotImplementedError, match="restarts its episodes"):
         backend.get_state()
     with pytest.raises(NotImplementedError, match="restarts its episodes"):

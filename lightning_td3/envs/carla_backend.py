@@ -443,6 +443,8 @@ class CarlaBackend:
 
     # -------------------------------------------------------------------------------------- state, close
 
+    can_snapshot = False
+
     def get_state(self) -> bytes:
         raise NotImplementedError(
             "CarlaBackend cannot snapshot a CARLA server's world; a resumed run restarts its episodes instead"

@@ -84,6 +84,7 @@ class Scene:
 class Backend(Protocol):
     limits: VehicleLimits
     dt: float  # simulated seconds per env step
+    can_snapshot: bool  # whether get_state/set_state work (a CARLA server's world cannot be snapshotted)
 
     def reset(self, seed: int) -> None: ...
     def step(self, steer: float, throttle_brake: float) -> None: ...
@@ -206,6 +207,12 @@ class DrivingEnv(gym.Env):
             "distance_m": self._distance_m,
             "np_random": self.np_random.bit_generator.state,
         }
+
+    @property
+    def can_snapshot(self) -> bool:
+        """Whether `get_state` works: asked before it (through a vector env's `get_attr`), because an exception
+        inside an asynchronous vector env's worker ends that worker."""
+        return self.backend.can_snapshot
 
     @property
     def simulator_state(self) -> dict:

@@ -350,6 +350,8 @@ class HighwayBackend:
         gap = distance - (self._ego.LENGTH + vehicle.LENGTH) / 2
         return Neighbour(gap_m=max(float(gap), 0.0), speed_mps=float(vehicle.speed))
 
+    can_snapshot = True
+
     def get_state(self) -> bytes:
         # One pickle keeps the sharing intact: the ego is also in road.vehicles, the track's network is the road's.
         return pickle.dumps((self._track, self._road, self._ego))
