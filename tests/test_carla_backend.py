@@ -8,9 +8,12 @@ world, actors, sensors, Traffic Manager) is a test double: `FakeCarlaClient` / `
 from __future__ import annotations
 
 import fnmatch
+import gc
 import math
 import socket
+import threading
 import time
+import weakref
 from functools import cache
 from pathlib import Path
 
@@ -55,6 +58,8 @@ LANE_WIDTH_M = 3.5
 FRONT_AXLE_CM, REAR_AXLE_CM, HALF_TRACK_CM = 150.0, -140.0, 80.0
 MAX_STEER_DEG = 70.0
 CAR_HALF_LENGTH_M = 2.4
+CENTIMETRES = 100.0
+SENSOR_DELAY_S = 0.002  # how long after a tick the fake world's sensor data reach the client
 
 
 @cache
@@ -307,11 +312,14 @@ def test_grayscale_reads_the_camera_buffer_as_bgra():
     np.testing.assert_array_equal(gray.ravel(), expected)
 
 
-def fake_physics_control() -> carla.VehiclePhysicsControl:
+def fake_physics_control(place=lambda offset_cm: offset_cm) -> carla.VehiclePhysicsControl:
+    """Front left, front right, rear left, rear right wheels; `place` maps each wheel's offset from the car's centre
+    (cm) to the position reported."""
     wheels = []
     for x_cm, steer_deg in ((FRONT_AXLE_CM, MAX_STEER_DEG), (REAR_AXLE_CM, 0.0)):
         for y_cm in (-HALF_TRACK_CM, HALF_TRACK_CM):
-            wheels.append(carla.WheelPhysicsControl(max_steer_angle=steer_deg, position=carla.Vector3D(x_cm, y_cm, 30.0)))
+            position = place(carla.Vector3D(x_cm, y_cm, 30.0))
+            wheels.append(carla.WheelPhysicsControl(max_steer_angle=steer_deg, position=position))
     return carla.VehiclePhysicsControl(wheels=wheels)
 
 
@@ -432,7 +440,17 @@ class FakeActor:
 
 
 class FakeVehicle(FakeActor):
-    """Drives straight along its yaw: throttle accelerates, brake decelerates (enough for a test)."""
+    """Drives straight along its yaw: throttle accelerates, brake decelerates (enough for a test).
+
+    CARLA behaviour it follows:
+    - a control applies from the next tick on and holds until another is applied (python_api.md,
+      carla.Vehicle.apply_control: "Applies a control object on the next tick"; get_control: "the control applied in
+      the last tick"), so a car nobody drives keeps its last throttle;
+    - wheel positions in the physics control are world positions in centimetres (python_api.md,
+      carla.WheelPhysicsControl.position: "World position of the wheel. This is a read-only parameter"). That a car
+      not yet simulated reports them as zeros is an assumption (the docs say nothing): this double does, so the
+      backend must read them only after a tick.
+    """
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -440,6 +458,7 @@ class FakeVehicle(FakeActor):
         self.controls: list[carla.VehicleControl] = []
         self.autopilot_port: int | None = None
         self.speed_mps = 0.0
+        self.simulated = False
 
     def apply_control(self, control: carla.VehicleControl) -> None:
         self.controls.append(control)
@@ -448,13 +467,19 @@ class FakeVehicle(FakeActor):
         self.autopilot_port = port if enabled else None
 
     def get_physics_control(self) -> carla.VehiclePhysicsControl:
-        return fake_physics_control()
+        def world_cm(offset_cm: carla.Vector3D) -> carla.Vector3D:
+            if not self.simulated:
+                return carla.Vector3D()
+            return self.transform.transform(offset_cm / CENTIMETRES) * CENTIMETRES  # transform() maps a local point
+
+        return fake_physics_control(world_cm)
 
     def get_velocity(self) -> carla.Vector3D:
         forward = self.transform.get_forward_vector()
         return carla.Vector3D(forward.x * self.speed_mps, forward.y * self.speed_mps, 0.0)
 
     def advance(self, dt: float) -> None:
+        self.simulated = True
         if self.controls:
             control = self.controls[-1]
             self.speed_mps = max(self.speed_mps + (4.0 * control.throttle - 8.0 * control.brake) * dt, 0.0)
@@ -462,17 +487,22 @@ class FakeVehicle(FakeActor):
 
 
 class FakeCameraImage:
+    alive: weakref.WeakSet = weakref.WeakSet()  # every image not yet garbage: what the client holds
+
     def __init__(self, frame: int, size: int):
         self.frame, self.width, self.height = frame, size, size
         self.raw_data = bytes(np.full((size, size, 4), 128, np.uint8).ravel())
+        FakeCameraImage.alive.add(self)
 
 
 class FakeCollisionEvent:
-    def __init__(self, actor: FakeActor):
-        self.actor = actor
+    def __init__(self, frame: int, actor: FakeActor, other_actor: FakeActor):
+        self.frame, self.actor, self.other_actor = frame, actor, other_actor
 
 
 class FakeSensor(FakeActor):
+    """`listen` registers the callback the world's data go to, `stop` ends them (python_api.md, carla.Sensor)."""
+
     def __init__(self, *args, parent: FakeVehicle):
         super().__init__(*args)
         self.parent = parent
@@ -524,6 +554,8 @@ class FakeCarlaWorld:
         self.actors: dict[int, FakeActor] = {}
         self.frame = 0
         self.ticks = 0
+        self._deliveries: list[threading.Timer] = []
+        self._late_events: list[tuple[int, FakeSensor, FakeCollisionEvent]] = []  # (frame delivered, sensor, event)
 
     def get_map(self) -> carla.Map:
         return self.map
@@ -532,6 +564,7 @@ class FakeCarlaWorld:
         return _copy_settings(self.settings)
 
     def apply_settings(self, settings: carla.WorldSettings) -> int:
+        # python_api.md, carla.World.apply_settings: "returns the ID of the frame they were implemented".
         self.settings = _copy_settings(settings)
         return self.frame
 
@@ -562,25 +595,54 @@ class FakeCarlaWorld:
         return next(v for v in self.alive(FakeVehicle) if v.attributes.get("role_name") == "hero")
 
     def tick(self, seconds: float = 10.0) -> int:
+        """One synchronous step. As on a server, the sensor data of the frame reach their callbacks on another
+        thread, after `tick` returned (adv_synchrony_timestep.md, "Using synchronous mode"; the camera "with a delay
+        of a couple of frames" there is modelled as SENSOR_DELAY_S); a collision may be delivered later still."""
         assert self.settings.synchronous_mode, "the backend ticks only a synchronous world"
         self.frame += 1
         self.ticks += 1
         for vehicle in self.alive(FakeVehicle):
             vehicle.advance(self.settings.fixed_delta_seconds)
+        due = [event for event in self._late_events if event[0] <= self.frame]
+        self._late_events = [event for event in self._late_events if event[0] > self.frame]
+        for _, sensor, event in due:
+            self._deliver(sensor.callback, event)
         for camera in self._listening("sensor.camera.rgb"):
-            camera.callback(FakeCameraImage(self.frame, int(camera.attributes["image_size_x"])))
+            self._deliver(camera.callback, FakeCameraImage(self.frame, int(camera.attributes["image_size_x"])))
         return self.frame
 
-    def collide(self, vehicle: FakeVehicle) -> None:
+    def _deliver(self, callback, data) -> None:
+        delivery = threading.Timer(SENSOR_DELAY_S, callback, [data])
+        self._deliveries.append(delivery)
+        delivery.start()
+
+    def flush_sensors(self) -> None:
+        """Wait until every sensor datum sent so far has reached its callback."""
+        for delivery in self._deliveries:
+            delivery.join()
+        self._deliveries.clear()
+
+    def collide(self, vehicle: FakeVehicle, other_type_id: str = "vehicle.audi.a2", delivered_after: int = 0) -> None:
+        """`vehicle` hits an actor of `other_type_id` in the current frame; the event reaches the collision sensor's
+        callback `delivered_after` ticks later (0: now, before the next tick)."""
+        other = FakeActor(self, 0, FakeBlueprint(other_type_id), vehicle.transform)
         for sensor in self._listening("sensor.other.collision"):
             if sensor.parent is vehicle:
-                sensor.callback(FakeCollisionEvent(vehicle))
+                event = FakeCollisionEvent(self.frame, vehicle, other)
+                if delivered_after == 0:
+                    sensor.callback(event)
+                else:
+                    self._late_events.append((self.frame + delivered_after, sensor, event))
 
     def _listening(self, type_id: str) -> list[FakeSensor]:
         return [s for s in self.alive(FakeSensor) if s.type_id == type_id and s.callback is not None]
 
 
 class FakeTrafficManager:
+    """The Traffic Manager on one port. Its synchronous mode must follow the world's (adv_synchrony_timestep.md:
+    "If synchronous mode is enabled, and there is a Traffic Manager running, this must be set to sync mode too");
+    the API has a setter and no getter for it, so only this double can tell what it was left in."""
+
     def __init__(self, port: int):
         self.port = port
         self.synchronous = False
@@ -784,3 +846,63 @@ def test_a_collision_ends_the_driving_env_episode(monkeypatch, fake_client):
     finally:
         env.close()
     assert fake_client.world.alive() == []
+
+
+# ------------------------------------------------------------------- sensor timing, measured from the fake world
+
+
+def test_the_wheelbase_is_read_once_the_car_has_been_simulated(backend, fake_client):
+    backend.reset(seed=0)
+    assert backend.limits.wheelbase_m == pytest.approx((FRONT_AXLE_CM - REAR_AXLE_CM) / CENTIMETRES)
+    assert backend.limits.max_steer_rad == pytest.approx(math.radians(MAX_STEER_DEG))
+
+
+def test_a_warm_up_collision_that_arrives_late_is_not_charged_to_the_agent(backend, fake_client):
+    world = fake_client.world
+    landing_frame = world.frame + carla_backend.WARMUP_TICKS  # the warm-up's last tick
+
+    real_tick = world.tick
+
+    def tick(seconds: float = 10.0) -> int:
+        frame = real_tick(seconds)
+        if frame == landing_frame:  # the ego bumps a car as it lands; the event comes a tick late
+            world.collide(world.ego(), delivered_after=1)
+        return frame
+
+    world.tick = tick
+    backend.reset(seed=0)
+    backend.step(0.0, 0.0)
+    world.flush_sensors()
+    assert backend.measure().collision is None
+
+
+def test_a_collision_is_counted_by_its_frame_and_classified_as_the_leaderboard_does(backend, fake_client):
+    world = fake_client.world
+    backend.reset(seed=0)
+    backend.step(0.0, 0.5)
+    world.collide(world.ego(), other_type_id="static.prop.streetbarrier", delivered_after=1)
+    assert backend.measure().collision is None  # not arrived yet
+    backend.step(0.0, 0.5)
+    world.flush_sensors()
+    assert backend.measure().collision == "static"
+
+
+@pytest.mark.parametrize(
+    ("type_id", "kind"),
+    [("vehicle.audi.a2", "vehicle"), ("walker.pedestrian.0001", "pedestrian"), ("static.prop.trafficcone01", "static"),
+     ("traffic.traffic_light", "static"), ("static.sidewalk", "other"), ("sensor.other.collision", "other")],
+)
+def test_collision_kinds_follow_the_leaderboards_collision_criterion(type_id, kind):
+    assert carla_backend.collision_kind(type_id) == kind
+
+
+def test_images_the_backend_does_not_ask_for_are_not_kept(backend, fake_client):
+    world = fake_client.world
+    backend.reset(seed=0)
+    for _ in range(40):  # another client ticking the world while this backend waits
+        world.tick()
+    world.flush_sensors()
+    gc.collect()
+    assert len(FakeCameraImage.alive) == 1  # the newest
+    backend.step(0.0, 0.0)
+    assert backend.frame().shape == (84, 84)  # the image of its own tick

@@ -36,6 +36,9 @@ VECTOR_BOUND = 5.0
 
 # Why an episode ended; "time_out" is a truncation, the others are terminal.
 CRASHES = ("collision", "off_road")
+# What the ego can hit, as the CARLA Leaderboard's collision criterion tells them apart (`evaluation` charges each its
+# coefficient); "other" is what that criterion does not count.
+COLLISION_KINDS = ("vehicle", "pedestrian", "static", "other")
 TERMINAL_REASONS = (*CRASHES, "goal")
 
 
@@ -59,7 +62,7 @@ class Measurement:
     lateral_offset_m: float  # signed distance from the nearest lane centre, > 0 = left of it
     heading_error_rad: float  # lane heading minus ego heading in [-pi, pi], > 0 = lane bends left
     waypoints_ego: np.ndarray  # (num_waypoints, 2) next route waypoints strictly ahead, ego frame
-    collision: bool
+    collision: str | None  # what the ego hit since the reset, one of COLLISION_KINDS; None: nothing
     off_drivable: bool  # off the drivable area as the simulator sees it
 
 
@@ -270,7 +273,7 @@ class DrivingEnv(gym.Env):
         info: dict[str, Any] = {
             "reason": reason,
             "success": reason == "goal",
-            "collision": m.collision,
+            "collision": bool(m.collision),
             "speed_kmh": m.speed_mps * 3.6,
             "route_completion": float(np.clip(m.progress_m / m.route_length_m, 0.0, 1.0)),
             "episode_return": self._return,

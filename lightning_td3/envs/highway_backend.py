@@ -311,7 +311,7 @@ class HighwayBackend:
             # Headings grow clockwise (to the right) in highway-env; the contract's grow counter-clockwise.
             heading_error_rad=_wrap_to_pi(ego.heading - ego.lane.heading_at(longitudinal)),
             waypoints_ego=self._waypoints(lane, track.lane_starts[lane, segment] + longitudinal),
-            collision=bool(ego.crashed),
+            collision="vehicle" if ego.crashed else None,  # the road holds no static objects
             off_drivable=not ego.lane.on_lane(ego.position, longitudinal, lateral),
         )
 
