@@ -555,6 +555,7 @@ class FakeCarlaWorld:
         self.frame = 0
         self.ticks = 0
         self._deliveries: list[threading.Timer] = []
+        self.traffic_managers: dict[int, FakeTrafficManager] = {}
         self._late_events: list[tuple[int, FakeSensor, FakeCollisionEvent]] = []  # (frame delivered, sensor, event)
 
     def get_map(self) -> carla.Map:
@@ -680,7 +681,10 @@ class FakeCarlaClient:
         return self.world
 
     def get_trafficmanager(self, port: int) -> FakeTrafficManager:
-        self.traffic_manager = FakeTrafficManager(port)
+        # One Traffic Manager per port, whichever client asks (python_api.md, carla.Client.get_trafficmanager:
+        # "Returns an instance of the traffic manager related to the specified port. If it does not exist, this will
+        # be created.").
+        self.traffic_manager = self.world.traffic_managers.setdefault(port, FakeTrafficManager(port))
         return self.traffic_manager
 
     def apply_batch_sync(self, commands, do_tick: bool = False) -> list:
@@ -906,3 +910,28 @@ def test_images_the_backend_does_not_ask_for_are_not_kept(backend, fake_client):
     assert len(FakeCameraImage.alive) == 1  # the newest
     backend.step(0.0, 0.0)
     assert backend.frame().shape == (84, 84)  # the image of its own tick
+
+
+# --------------------------------------------------------------------------- the server handed back as found
+
+
+@pytest.mark.parametrize("first_closed", ["training", "evaluation"])
+def test_two_backends_on_one_server_hand_it_back_as_found_whichever_closes_first(fake_client, first_closed):
+    # Lightning tears the callbacks (the training envs) down before the module (its evaluation env).
+    training = CarlaBackend(carla_env_config(), client=fake_client)
+    evaluation = CarlaBackend(carla_env_config(), client=fake_client)  # finds the world synchronous already
+    for backend in (training, evaluation) if first_closed == "training" else (evaluation, training):
+        backend.close()
+    world = fake_client.world
+    assert not world.settings.synchronous_mode and not world.settings.fixed_delta_seconds
+    assert not world.traffic_managers[8123].synchronous
+
+
+def test_settings_a_user_chose_are_given_back(fake_client):
+    world = fake_client.world
+    world.settings = carla.WorldSettings(synchronous_mode=True, fixed_delta_seconds=0.1)  # the user ticks at 10 Hz
+    backend = CarlaBackend(carla_env_config(), client=fake_client)
+    assert world.settings.fixed_delta_seconds == pytest.approx(FIXED_DELTA_SECONDS)
+    backend.close()
+    assert world.settings.synchronous_mode and world.settings.fixed_delta_seconds == pytest.approx(0.1)
+    assert world.traffic_managers[8123].synchronous  # as the world it serves

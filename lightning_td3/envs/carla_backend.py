@@ -3,7 +3,7 @@
 One env step is one synchronous tick of `FIXED_DELTA_SECONDS`. Per episode (`reset`) the backend spawns the
 ego (role "hero") at a seeded spawn point, plans a route of about `route_length_m` along the lanes from there,
 attaches an 84x84 RGB camera, a collision sensor and a lane-invasion sensor, and spawns the scenario's NPC
-vehicles on Traffic Manager autopilot. `close` destroys all of it and gives the world back asynchronous.
+vehicles on Traffic Manager autopilot. `close` destroys all of it and gives the world's settings back as found.
 
 Measurements (see `lightning_td3.envs.carla_road` for the geometry and the left-handed world):
 - progress: the ego's arc length projected on the route polyline;
@@ -274,7 +274,7 @@ class CarlaBackend:
         self.dt = FIXED_DELTA_SECONDS
         self._timeout_s = config.carla.timeout_s
         self._closed = False
-        self._original_settings: carla.WorldSettings | None = None
+        self._found_settings: carla.WorldSettings | None = None  # what `close` gives back, if this backend changed it
         self._traffic_manager: carla.TrafficManager | None = None
         self._sensors: EgoSensors | None = None
         self._ego: carla.Actor | None = None
@@ -313,12 +313,21 @@ class CarlaBackend:
             self._client.set_timeout(self._timeout_s)
 
     def _make_synchronous(self) -> None:
-        self._original_settings = self._world.get_settings()
-        settings = self._world.get_settings()
-        settings.synchronous_mode = True
-        settings.fixed_delta_seconds = FIXED_DELTA_SECONDS
-        self._world.apply_settings(settings)
+        """Synchronous at FIXED_DELTA_SECONDS, and the Traffic Manager with it (adv_synchrony_timestep.md: a TM must
+        be synchronous when the world is).
+
+        Only a backend that changes the settings gives them back (`close`): one that finds them already so (another
+        env of this run made them so, or the user) leaves that to whoever did. So the server is handed back as it
+        was found whichever of a run's backends closes last.
+        """
+        found = self._world.get_settings()
         self._traffic_manager = self._client.get_trafficmanager(self.config.carla.tm_port)
+        if not (found.synchronous_mode and math.isclose(found.fixed_delta_seconds or 0.0, FIXED_DELTA_SECONDS)):
+            self._found_settings = found
+            settings = self._world.get_settings()
+            settings.synchronous_mode = True
+            settings.fixed_delta_seconds = FIXED_DELTA_SECONDS
+            self._world.apply_settings(settings)
         self._traffic_manager.set_synchronous_mode(True)
 
     # -------------------------------------------------------------------------------------------- episode
@@ -513,12 +522,12 @@ class CarlaBackend:
         self._sensors, self._ego, self._npcs = None, None, []
 
     def close(self) -> None:
-        """Destroy every actor this backend spawned and give the world back as it was. Idempotent."""
+        """Destroy every actor this backend spawned and give back the settings it changed. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self._destroy_episode_actors()
-        if self._traffic_manager is not None:
-            self._traffic_manager.set_synchronous_mode(False)
-        if self._original_settings is not None:
-            self._world.apply_settings(self._original_settings)
+        if self._found_settings is not None:
+            self._world.apply_settings(self._found_settings)
+            # The TM's mode cannot be read (the API has no getter): it goes back with the world's.
+            self._traffic_manager.set_synchronous_mode(self._found_settings.synchronous_mode)
