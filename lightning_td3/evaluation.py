@@ -60,11 +60,25 @@ class EpisodeSpec:
     seed: int
 
 
+class EnvFailure(RuntimeError):
+    """An env call raised: its simulator failed (a CARLA time-out, a server gone). Raised from the env's exception,
+    so that a caller tells it from the policy's own errors."""
+
+
+def env_call(call: Callable, *args: Any, **kwargs: Any) -> Any:
+    """`call(*args, **kwargs)`, an env's construction, reset or step; whatever it raises comes as `EnvFailure`."""
+    try:
+        return call(*args, **kwargs)
+    except Exception as error:
+        raise EnvFailure(f"{type(error).__name__}: {error}") from error
+
+
 def run_episode(
     env: DrivingEnv, policy: Policy, seed: int, watch: Callable[[dict, dict], None] | None = None
 ) -> EpisodeResult:
-    """One episode; `watch(obs, info)` sees every observation (after the reset and each step), e.g. to film it."""
-    obs, info = env.reset(seed=seed)
+    """One episode; `watch(obs, info)` sees every observation (after the reset and each step), e.g. to film it.
+    What the env raises comes as `EnvFailure`."""
+    obs, info = env_call(env.reset, seed=seed)
     policy.reset(seed)
     terminated = truncated = False
     while True:
@@ -72,7 +86,8 @@ def run_episode(
             watch(obs, info)
         if terminated or truncated:
             return EpisodeResult.from_info(info)
-        obs, _, terminated, truncated, info = env.step(policy.act(obs, env))
+        action = policy.act(obs, env)
+        obs, _, terminated, truncated, info = env_call(env.step, action)
 
 
 # Metric name (after the prefix) -> the EpisodeResult field averaged into it.

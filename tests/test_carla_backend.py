@@ -556,6 +556,7 @@ class FakeCarlaWorld:
         self.ticks = 0
         self._deliveries: list[threading.Timer] = []
         self.traffic_managers: dict[int, FakeTrafficManager] = {}
+        self.most_egos_in_a_tick = 0  # egos ("hero") alive in one tick, at most: two backends sharing the world
         self._late_events: list[tuple[int, FakeSensor, FakeCollisionEvent]] = []  # (frame delivered, sensor, event)
 
     def get_map(self) -> carla.Map:
@@ -604,6 +605,8 @@ class FakeCarlaWorld:
         self.ticks += 1
         for vehicle in self.alive(FakeVehicle):
             vehicle.advance(self.settings.fixed_delta_seconds)
+        egos = [v for v in self.alive(FakeVehicle) if v.attributes.get("role_name") == "hero"]
+        self.most_egos_in_a_tick = max(self.most_egos_in_a_tick, len(egos))
         due = [event for event in self._late_events if event[0] <= self.frame]
         self._late_events = [event for event in self._late_events if event[0] > self.frame]
         for _, sensor, event in due:
