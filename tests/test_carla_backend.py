@@ -51,6 +51,7 @@ from lightning_td3.envs.carla_road import (
 from lightning_td3.envs.config import CarlaConfig, EnvConfig
 from lightning_td3.envs.contract import DrivingEnv, Neighbour
 from lightning_td3.errors import ConfigError
+from lightning_td3.evaluation import EpisodeResult
 
 DATA = Path(__file__).parent / "data"
 LANE_WIDTH_M = 3.5
@@ -850,6 +851,8 @@ def test_a_collision_ends_the_driving_env_episode(monkeypatch, fake_client):
         fake_client.world.collide(fake_client.world.ego())
         _, _, terminated, _, info = env.step(np.array([0.0, 0.5]))
         assert terminated and info["reason"] == "collision" and info["collision"]
+        assert info["collision_with"] == "vehicle"  # what the driving score charges (0.6)
+        assert EpisodeResult.from_info(info).infraction_penalty == pytest.approx(0.6)
     finally:
         env.close()
     assert fake_client.world.alive() == []

@@ -135,6 +135,7 @@ class DrivingEnv(gym.Env):
         self._last_measurement: Measurement | None = None
         self._return = 0.0
         self._distance_m = 0.0
+        self._outside_lanes_m = 0.0  # route progress made outside the lanes (the leaderboard's lane infraction)
 
     @property
     def limits(self) -> VehicleLimits:
@@ -151,6 +152,7 @@ class DrivingEnv(gym.Env):
         self._last_action = np.zeros(2, np.float32)
         self._return = 0.0
         self._distance_m = 0.0
+        self._outside_lanes_m = 0.0
         measurement = self._last_measurement = self.backend.measure()
         return self._observation(measurement, self._leader()), self._info(measurement, None, None)
 
@@ -187,6 +189,8 @@ class DrivingEnv(gym.Env):
         self._last_measurement = measurement
         self._return += terms.total
         self._distance_m += measurement.speed_mps * self.backend.dt
+        if reason == "off_road":
+            self._outside_lanes_m += max(measurement.progress_m - previous.progress_m, 0.0)
         info = self._info(measurement, reason, terms)
         return self._observation(measurement, leader), terms.total, terminated, truncated, info
 
@@ -208,6 +212,7 @@ class DrivingEnv(gym.Env):
             "last_measurement": self._last_measurement,
             "return": self._return,
             "distance_m": self._distance_m,
+            "outside_lanes_m": self._outside_lanes_m,
             "np_random": self.np_random.bit_generator.state,
         }
 
@@ -234,6 +239,7 @@ class DrivingEnv(gym.Env):
         self._last_measurement = state["last_measurement"]
         self._return = state["return"]
         self._distance_m = state["distance_m"]
+        self._outside_lanes_m = state.get("outside_lanes_m", 0.0)  # absent from states saved before it was kept
         self.np_random.bit_generator.state = state["np_random"]
 
     def _leader(self) -> Neighbour | None:
@@ -274,8 +280,13 @@ class DrivingEnv(gym.Env):
             "reason": reason,
             "success": reason == "goal",
             "collision": bool(m.collision),
+            "collision_with": m.collision or None,  # a COLLISION_KINDS entry
             "speed_kmh": m.speed_mps * 3.6,
             "route_completion": float(np.clip(m.progress_m / m.route_length_m, 0.0, 1.0)),
+            # The share of the route driven so far that was driven off the road, as the CARLA Leaderboard's
+            # OutsideRouteLanesTest measures it; an episode ends on the step the ego leaves the road, so it is at
+            # most that step's progress.
+            "route_outside_lanes": self._outside_lanes_m / m.progress_m if m.progress_m > 0 else 0.0,
             "episode_return": self._return,
             "episode_length": self._steps,
             "avg_speed_kmh": 3.6 * self._distance_m / (self._steps * self.backend.dt) if self._steps else 0.0,
