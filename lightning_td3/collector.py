@@ -402,8 +402,8 @@ class Collector(pl.Callback):
                 # Pickled: simulator objects are not tensors, and bytes pass Lightning's weights_only loading.
                 env_states = pickle.dumps(list(self.envs.get_attr("simulator_state")))
             else:
-                warnings.warn("env state is not saved (a CARLA server's world cannot be snapshotted); a resumed run "
-                              "restarts its training episodes", stacklevel=2)
+                warnings.warn("env state is not saved (the simulator cannot snapshot its world, as a CARLA server "
+                              "cannot); a resumed run restarts its training episodes", stacklevel=2)
         return {
             "obs": arrays_to_tensors(self._obs),
             "env_states": env_states,

@@ -497,6 +497,9 @@ class FakeCameraImage:
 
 
 class FakeCollisionEvent:
+    """python_api.md, carla.CollisionEvent: the sensor's parent `actor`, the `other_actor` hit, and (as every
+    carla.SensorData) the `frame` it happened in."""
+
     def __init__(self, frame: int, actor: FakeActor, other_actor: FakeActor):
         self.frame, self.actor, self.other_actor = frame, actor, other_actor
 
@@ -575,6 +578,7 @@ class FakeCarlaWorld:
         return FakeBlueprintLibrary()
 
     def try_spawn_actor(self, blueprint: FakeBlueprint, transform: carla.Transform) -> FakeVehicle | None:
+        # python_api.md, carla.World.try_spawn_actor: None instead of an exception when the place is taken.
         occupied = any(
             isinstance(a, FakeVehicle) and a.alive and a.transform.location.distance(transform.location) < 2.0
             for a in self.actors.values()
@@ -692,6 +696,8 @@ class FakeCarlaClient:
         return self.traffic_manager
 
     def apply_batch_sync(self, commands, do_tick: bool = False) -> list:
+        # python_api.md, carla.Client.apply_batch_sync: the commands run on one simulation step; the backend reads no
+        # responses, so none are made here.
         ids = [command.actor_id for command in commands]
         for actor_id in ids:
             self.world.actors[actor_id].alive = False
