@@ -280,7 +280,8 @@ class DrivingEnv(gym.Env):
             "reason": reason,
             "success": reason == "goal",
             "collision": bool(m.collision),
-            "collision_with": m.collision or None,  # a COLLISION_KINDS entry
+            # A COLLISION_KINDS entry, or None (also for a measurement restored from a snapshot that kept a bool).
+            "collision_with": m.collision or None,
             "speed_kmh": m.speed_mps * 3.6,
             "route_completion": float(np.clip(m.progress_m / m.route_length_m, 0.0, 1.0)),
             # The share of the route driven so far that was driven off the road, as the CARLA Leaderboard's
