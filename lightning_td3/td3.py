@@ -297,9 +297,10 @@ class TD3(DrivingModule):
             network.cnn.bf16 = chosen["bf16_cnn"]
             network.to(memory_format=layout)
         on = [name for name, value in chosen.items() if value]
+        picked = any(hp[name] is None and fast.get(name) for name in chosen)
         rank_zero_info(
             f"TD3 learner on {device.type}: {', '.join(on) if on else 'float32 CNNs, default layout'}"
-            + (f" (model.speedups for this {device.type}; false turns them off)" if fast else "")
+            + (f" (chosen by model.speedups for this {device.type}; false turns them off)" if picked else "")
         )
         return chosen
 
