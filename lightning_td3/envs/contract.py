@@ -84,6 +84,8 @@ class Scene:
 class Backend(Protocol):
     limits: VehicleLimits
     dt: float  # simulated seconds per env step
+    # The task the next reset builds: DrivingEnv sets it to each episode's (`EnvConfig.sample_task`) before `reset`.
+    config: EnvConfig
 
     def reset(self, seed: int) -> None: ...
     def step(self, steer: float, throttle_brake: float) -> None: ...
@@ -131,6 +133,8 @@ class DrivingEnv(gym.Env):
         self._last_measurement: Measurement | None = None
         self._return = 0.0
         self._distance_m = 0.0
+        # The episode's task, drawn at reset from the config's distributions (the config itself if it has none).
+        self.task: EnvConfig | None = None
 
     @property
     def limits(self) -> VehicleLimits:
@@ -141,6 +145,7 @@ class DrivingEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
+        self.task = self.backend.config = self.config.sample_task(self.np_random)
         self.backend.reset(int(self.np_random.integers(2**31 - 1)))
         self._stack[:] = self.backend.frame()  # pad the stack with the first frame
         self._steps = 0
@@ -205,6 +210,7 @@ class DrivingEnv(gym.Env):
             "return": self._return,
             "distance_m": self._distance_m,
             "np_random": self.np_random.bit_generator.state,
+            "task": self.task,
         }
 
     @property
@@ -225,6 +231,8 @@ class DrivingEnv(gym.Env):
         self._return = state["return"]
         self._distance_m = state["distance_m"]
         self.np_random.bit_generator.state = state["np_random"]
+        # States saved before tasks were drawn per episode come from configs of single values: their own task.
+        self.task = self.backend.config = state.get("task", self.config)
 
     def _leader(self) -> Neighbour | None:
         """The vehicle ahead in the ego's lane; the scene is read only when the reward or the observation uses it."""
@@ -239,7 +247,7 @@ class DrivingEnv(gym.Env):
             return "off_road"
         if m.route_length_m - m.progress_m <= self.config.goal_radius_m:
             return "goal"
-        if self._steps >= self.config.max_steps:
+        if self._steps >= self.task.max_steps:
             return "time_out"
         return None
 
@@ -272,4 +280,6 @@ class DrivingEnv(gym.Env):
         }
         if terms is not None:
             info["reward_terms"] = terms.as_dict()
+        if terms is None or reason is not None:  # the episode's first and last info: which task it is
+            info["task"] = self.task.task()
         return info
