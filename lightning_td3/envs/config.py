@@ -313,17 +313,21 @@ class EnvConfig:
             for setting in TASK_SETTINGS
             if setting.name in self.varying
         }
-        route_length_m = drawn.get("route_length_m", self.route_length_m)
-        max_steps = self.max_steps if self.max_steps_per_km is None else self._steps_for(route_length_m)
+        max_steps = self._max_steps_for(drawn.get("route_length_m", self.route_length_m))
         return replace(self, **drawn, max_steps=max_steps, max_steps_per_km=None)
 
-    def _steps_for(self, route_length_m: float) -> int:
+    def _max_steps_for(self, route_length_m: float) -> int:
+        """The time-out of an episode on a route of this length."""
+        if self.max_steps_per_km is None:
+            return self.max_steps
         return math.ceil(route_length_m * self.max_steps_per_km / 1000)
 
     def task(self) -> dict:
-        """The task settings (and the time-out they give) as plain values: what `info["task"]` reports of an
-        episode's task (`sample_task`)."""
-        return {setting.name: getattr(self, setting.name) for setting in TASK_SETTINGS} | {"max_steps": self.max_steps}
+        """The task settings of a config that does not vary (an episode's task, `sample_task`), and the time-out they
+        give, as plain values: what `info["task"]` reports."""
+        return {setting.name: getattr(self, setting.name) for setting in TASK_SETTINGS} | {
+            "max_steps": self._max_steps_for(self.route_length_m)
+        }
 
     def settings(self) -> dict:
         """Every setting as plain values, as a run's `data.env` writes them: what a checkpoint keeps of its task, so
