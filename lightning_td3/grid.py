@@ -99,7 +99,7 @@ def read_grid(path: Path, base: EnvConfig) -> list[Cell]:
         settings = layered(layered(base.settings(), shared), _env_settings(entry.get("env", {}), f"{where}: env"))
         try:
             env = EnvConfig(**settings)
-        except ConfigError as error:
+        except (ConfigError, TypeError) as error:  # TypeError: an unknown setting of a section (reward, carla)
             raise ConfigError(f"{where}: {error}") from None
         if env.varying:
             setting = env.varying[0]
@@ -214,7 +214,7 @@ def _entry(metrics: dict[str, float]) -> str:
 
 def _task(env: EnvConfig) -> str:
     task = env.task()
-    return (f"scenario {task['scenario']}, {task['traffic_density']:g}× density, {task['layout']}, "
+    return (f"scenario {task['scenario']}, {task['traffic_density']:g}× traffic, {task['layout']}, "
             f"{task['lanes']} lanes, {task['route_length_m']:g} m, {task['max_steps']} steps")
 
 
@@ -294,7 +294,10 @@ def draw_heatmap(path: Path, cells: Sequence[Cell], policies: Sequence[str], see
     image = axis.imshow(np.ma.masked_invalid(success), cmap=colours, vmin=0.0, vmax=1.0, aspect="auto")
     axis.set_xticks(range(len(columns)), columns)
     axis.set_yticks(range(len(rows)), rows)
-    axis.tick_params(length=0)
+    axis.tick_params(which="both", length=0)
+    axis.set_xticks(np.arange(len(columns) + 1) - 0.5, minor=True)  # white lines between the cells
+    axis.set_yticks(np.arange(len(rows) + 1) - 0.5, minor=True)
+    axis.grid(which="minor", color="white", linewidth=2)
     figure.colorbar(image, ax=axis, label="success rate")
     checked = " (✓: meets the targets)" if _targets_checked(policies) else ""
     axis.set_title(f"{POLICY_LABELS[shown]} success, {len(seeds)} episodes per cell, seeds {seeds[0]}–{seeds[-1]}"

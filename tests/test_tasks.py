@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gymnasium.utils.env_checker import check_env
 
 import cli
 from lightning_td3.envs import DrivingEnv, EnvConfig
@@ -100,6 +101,12 @@ def test_a_seed_always_gives_the_same_task_and_episode_and_other_seeds_other_tas
     np.testing.assert_array_equal(obs["image"], again["image"])
     np.testing.assert_array_equal(obs["vector"], again["vector"])
     assert len({tuple(task.values()) for task in tasks.values()}) == len(tasks)
+
+
+@pytest.mark.filterwarnings("ignore:.*alternative render modes:UserWarning")  # needs gymnasium.make
+def test_an_env_of_varying_tasks_passes_gymnasium_checker():
+    # It resets with the same seed twice and wants the same observation: the same task.
+    check_env(DrivingEnv(EnvConfig(**SHORT_ROUTES)), skip_render_check=True)
 
 
 def test_the_drawn_task_is_the_one_the_highway_env_builds_and_ends_by():
