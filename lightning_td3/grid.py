@@ -8,7 +8,7 @@ records, or its run's config with --config) and the grid's shared `env`:
 
     env:                               # every cell's, under the cell's own (optional)
       route_length_m: 300
-      max_steps_per_km: 500
+      max_steps: {per_km: 500}
     cells:
       - name: s1-curvy-2-lanes         # unique: the key of the cell's rows in the table and the CSV
         row: scenario 1                # where the heat-map puts it (optional: a row of its own, named after it)

@@ -38,7 +38,7 @@ def load_replay(checkpoint: dict) -> tuple[dict, dict]:
 # With a learning-rate decay too: a resumed run must take it up at its update count, not start it over. With tasks
 # drawn per episode too: the resumed envs must draw the tasks the uninterrupted ones drew.
 TASK_DISTRIBUTIONS = ("--data.env.scenario", "[0, 2]", "--data.env.lanes", "{low: 2, high: 4}",
-                      "--data.env.route_length_m", "{low: 100, high: 140}", "--data.env.max_steps_per_km", "80")
+                      "--data.env.route_length_m", "{low: 100, high: 140}", "--data.env.max_steps", "{per_km: 80}")
 
 
 @pytest.mark.parametrize(

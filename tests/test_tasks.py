@@ -26,7 +26,7 @@ SINGLE_TASKS = {
 TRACE_SEEDS = (3, 11)
 GENERALIST = dict(
     scenario=[0, 1, 2], traffic_density={"low": 0.5, "high": 2.0}, layout=["straight", "curvy"],
-    lanes={"low": 2, "high": 4}, route_length_m={"low": 300, "high": 2000}, max_steps_per_km=500,
+    lanes={"low": 2, "high": 4}, route_length_m={"low": 300, "high": 2000}, max_steps={"per_km": 500},
 )
 SHORT_ROUTES = dict(GENERALIST, route_length_m={"low": 100, "high": 150})  # cheap to build
 
@@ -83,8 +83,8 @@ def test_draws_cover_every_listed_value_and_stay_in_every_range():
 
 
 def test_the_time_out_follows_the_route():
-    assert EnvConfig(route_length_m=300, max_steps_per_km=500).sample_task(None).max_steps == 150
-    assert EnvConfig(route_length_m=2000, max_steps_per_km=500).sample_task(None).max_steps == 1000
+    assert EnvConfig(route_length_m=300, max_steps={"per_km": 500}).sample_task(None).max_steps == 150
+    assert EnvConfig(route_length_m=2000, max_steps={"per_km": 500}).sample_task(None).max_steps == 1000
 
 
 def test_a_seed_always_gives_the_same_task_and_episode_and_other_seeds_other_tasks():
@@ -163,9 +163,12 @@ def test_an_env_state_carries_its_task_and_the_tasks_to_come():
         (dict(layout={"low": "straight", "high": "curvy"}), "data.env.layout must be one of ('straight', 'curvy'), or "
                                                             "a list of them; got"),
         (dict(layout=["straight", "spiral"]), "data.env.layout must be one of"),
-        (dict(route_length_m={"low": 50, "high": 300}, max_steps_per_km=500), "data.env.route_length_m must be >= 100"),
-        (dict(route_length_m=[300, 2000]), "data.env.max_steps_per_km must be set when data.env.route_length_m varies"),
-        (dict(max_steps_per_km=-1), "data.env.max_steps_per_km must be a number > 0 or null; got -1"),
+        (dict(route_length_m={"low": 50, "high": 300}, max_steps={"per_km": 500}),
+         "data.env.route_length_m must be >= 100"),
+        (dict(route_length_m=[300, 2000]), "data.env.max_steps must be {per_km: N} when data.env.route_length_m varies"),
+        (dict(max_steps={"per_km": -1}), "data.env.max_steps must be an integer > 0, or {per_km: N} for N > 0 steps "
+                                         "per km of route; got {'per_km': -1}"),
+        (dict(max_steps={"per_m": 1}), "data.env.max_steps must be an integer > 0, or {per_km: N}"),
     ],
 )
 def test_a_bad_distribution_is_refused_in_one_line_naming_its_option(settings, message):
@@ -179,7 +182,7 @@ def test_a_run_config_gives_distributions_in_yaml_and_its_settings_read_back(tmp
     config_file.write_text(
         "data:\n  env:\n    scenario: [0, 1, 2]\n    traffic_density: {low: 0.5, high: 2.0}\n"
         "    layout: [straight, curvy]\n    lanes: {low: 2, high: 4}\n    route_length_m: {low: 300, high: 2000}\n"
-        "    max_steps_per_km: 500\n"
+        "    max_steps: {per_km: 500}\n"
     )
     parsed = cli.main(["--config", str(ROOT / "configs/baselines/random.yaml"), "--config",
                        str(config_file)], run=False)

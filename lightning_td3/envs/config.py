@@ -7,14 +7,13 @@ builds the config.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from lightning_td3.envs import tasks
-from lightning_td3.envs.tasks import Range, TaskSetting
+from lightning_td3.envs.tasks import Range, StepsPerKm, TaskSetting
 from lightning_td3.errors import require
 
 # Each backend by the name data.env.backend gives: (module, class), imported when an env of it is built
@@ -188,10 +187,8 @@ class EnvConfig:
         policy_frequency_hz: agent decisions per simulated second (highway backend; CARLA is fixed at 20 Hz).
         max_steer_rad: front-wheel angle at steer = ±1 (highway backend; CARLA uses the car's own limit). At highway
             speed 0.1 rad already turns on a 50 m radius; bends need about 0.03.
-        max_steps: steps before time-out (truncation).
-        max_steps_per_km: when set, every episode's time-out follows its route instead: this many steps per km of
-            it, rounded up (500: 150 steps on 300 m, 1000 on 2 km), and `max_steps` is not used. Needed when
-            `route_length_m` varies.
+        max_steps: steps before time-out (truncation), or {per_km: N}: N steps per km of each episode's route,
+            rounded up ({per_km: 500}: 150 steps on 300 m, 1000 on 2 km), which a varying route needs.
         num_waypoints: route waypoints in the vector observation.
         waypoint_spacing_m: distance between those waypoints along the lane.
         off_road_distance_m: farther than this from the nearest lane centre counts as off-road.
@@ -217,8 +214,7 @@ class EnvConfig:
     initial_speed_mps: float = 20.0
     policy_frequency_hz: float = 5.0
     max_steer_rad: float = 0.1
-    max_steps: int = 300
-    max_steps_per_km: float | None = None
+    max_steps: int | StepsPerKm = 300
     num_waypoints: int = 25
     waypoint_spacing_m: float = 2.0
     off_road_distance_m: float = 2.5
@@ -242,19 +238,19 @@ class EnvConfig:
         require(self.initial_speed_mps >= 0, "data.env.initial_speed_mps", ">= 0", self.initial_speed_mps)
         require(self.policy_frequency_hz > 0, "data.env.policy_frequency_hz", "> 0", self.policy_frequency_hz)
         require(0 < self.max_steer_rad <= 0.6, "data.env.max_steer_rad", "in (0, 0.6] radians", self.max_steer_rad)
+        if isinstance(self.max_steps, dict) and set(self.max_steps) == {"per_km"}:
+            self.max_steps = StepsPerKm(**self.max_steps)
+        per_route = isinstance(self.max_steps, StepsPerKm)
         require(
-            isinstance(self.max_steps, int) and self.max_steps > 0, "data.env.max_steps", "an integer > 0",
-            self.max_steps,
+            (isinstance(self.max_steps, int) and self.max_steps > 0)
+            or (per_route and _is_number(self.max_steps.per_km) and self.max_steps.per_km > 0),
+            "data.env.max_steps", "an integer > 0, or {per_km: N} for N > 0 steps per km of route",
+            {"per_km": self.max_steps.per_km} if per_route else self.max_steps,
         )
         require(
-            self.max_steps_per_km is None or (_is_number(self.max_steps_per_km) and self.max_steps_per_km > 0),
-            "data.env.max_steps_per_km", "a number > 0 or null", self.max_steps_per_km,
-        )
-        require(
-            self.max_steps_per_km is not None or not tasks.is_distribution(self.route_length_m),
-            "data.env.max_steps_per_km",
-            "set when data.env.route_length_m varies (each episode's time-out follows its route; 500 gives 150 steps "
-            "on 300 m)", self.max_steps_per_km,
+            per_route or not tasks.is_distribution(self.route_length_m), "data.env.max_steps",
+            "{per_km: N} when data.env.route_length_m varies, so that each episode's time-out follows its route "
+            "({per_km: 500} gives 150 steps on 300 m)", self.max_steps,
         )
         require(
             isinstance(self.num_waypoints, int) and self.num_waypoints > 0,
@@ -304,23 +300,20 @@ class EnvConfig:
 
     def sample_task(self, rng: np.random.Generator) -> EnvConfig:
         """One episode's task: this config with every varying setting drawn from `rng` (in `TASK_SETTINGS` order) and
-        the time-out of its route. A config of single values without `max_steps_per_km` is its own task and draws
+        the time-out of its route. A config of single values and a time-out in steps is its own task and draws
         nothing: its episodes are those it gave before tasks could vary."""
-        if not self.varying and self.max_steps_per_km is None:
+        if not self.varying and isinstance(self.max_steps, int):
             return self
         drawn = {
             setting.name: tasks.draw(setting, getattr(self, setting.name), rng)
             for setting in TASK_SETTINGS
             if setting.name in self.varying
         }
-        max_steps = self._max_steps_for(drawn.get("route_length_m", self.route_length_m))
-        return replace(self, **drawn, max_steps=max_steps, max_steps_per_km=None)
+        return replace(self, **drawn, max_steps=self._max_steps_for(drawn.get("route_length_m", self.route_length_m)))
 
     def _max_steps_for(self, route_length_m: float) -> int:
         """The time-out of an episode on a route of this length."""
-        if self.max_steps_per_km is None:
-            return self.max_steps
-        return math.ceil(route_length_m * self.max_steps_per_km / 1000)
+        return self.max_steps.steps(route_length_m) if isinstance(self.max_steps, StepsPerKm) else self.max_steps
 
     def task(self) -> dict:
         """The task settings of a config that does not vary (an episode's task, `sample_task`), and the time-out they

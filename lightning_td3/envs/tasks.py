@@ -15,6 +15,7 @@ draws nothing: its episodes are those it gave before.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,16 @@ class Range:
 
     low: int | float
     high: int | float
+
+
+@dataclass  # not frozen, as Range
+class StepsPerKm:
+    """A time-out that follows each episode's route: `per_km` steps per km of it, rounded up."""
+
+    per_km: int | float
+
+    def steps(self, route_length_m: float) -> int:
+        return math.ceil(route_length_m * self.per_km / 1000)
 
 
 @dataclass(frozen=True)
