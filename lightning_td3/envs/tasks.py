@@ -6,6 +6,7 @@ A setting of `TASK_SETTINGS` (scenario, traffic density, layout, lanes, route le
     scenario: [0, 1, 2]                          # a list: each episode draws one, all equally likely
     traffic_density: {low: 0.5, high: 2.0}       # a range: each episode draws one uniformly from [low, high]
     lanes: {low: 2, high: 4}                     # (an integer setting: one of the integers low..high)
+    max_steps: {per_km: 500}                     # the time-out a varying route needs: it follows each route
 
 `EnvConfig.sample_task` draws an episode's task from the generator `DrivingEnv.reset(seed=...)` seeds, so a seed
 always gives the same task (per-seed evaluation stays deterministic) and a checkpointed env state, which holds that
