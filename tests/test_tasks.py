@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
+import torch
+
 import cli
 from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.envs.highway_backend import _traffic_count
 from lightning_td3.envs.tasks import Range
 from lightning_td3.errors import ConfigError
+from lightning_td3.export import ACTOR_ONLY_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 # Episodes of single-value configs as `trace` recorded them at commit 0fdabfd, before tasks could vary.
@@ -190,3 +193,13 @@ def test_a_run_config_gives_distributions_in_yaml_and_its_settings_read_back(tmp
     assert env == EnvConfig(**GENERALIST)
     assert env.traffic_density == Range(0.5, 2.0) and env.scenario == [0, 1, 2]
     assert EnvConfig(**env.settings()) == env  # what a checkpoint keeps of its task
+
+
+def test_an_agent_trained_on_distributions_is_validated_on_them_from_its_checkpoint_alone(tmp_path):
+    checkpoint = torch.load(ROOT / "agents/scenario0_straight_capped.ckpt", weights_only=True)
+    trained_on = EnvConfig(**{**checkpoint[ACTOR_ONLY_KEY]["env"], **SHORT_ROUTES, "max_steps": {"per_km": 80}})
+    checkpoint[ACTOR_ONLY_KEY]["env"] = trained_on.settings()
+    torch.save(checkpoint, tmp_path / "agent.ckpt")
+    result = cli.main(["validate", "--ckpt_path", str(tmp_path / "agent.ckpt"), "--data.eval_episodes", "2"])
+    assert result.datamodule.env == trained_on
+    assert result.trainer.callback_metrics["eval/episodes"] == 2
