@@ -337,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         require(args.episodes >= 1, "--episodes", "an integer >= 1", args.episodes)
         require(args.workers >= 1, "--workers", "an integer >= 1", args.workers)
+        require(not args.out.exists() or args.out.is_dir(), "--out", "a folder (it is a file)", str(args.out))
         if args.ckpt is None and AGENT in args.policies:
             raise UserError("--policies td3 needs the agent's checkpoint: give --ckpt")
         policies = list(dict.fromkeys(args.policies))

@@ -128,14 +128,16 @@ def test_the_shipped_generalist_grid_holds_the_twelve_tasks():
         ("cells:\n  - {name: a}\n", ["--policies", "dqn"], "argument --policies: invalid choice: 'dqn'"),
         ("cells:\n  - {name: a, env: {observe_leader: true}}\n", ["--ckpt", str(AGENT)],
          "cell 'a': the agent in"),  # its vector has another size
+        ("cells:\n  - {name: a}\n", ["--policies", "random", "--out", "cells.yaml"], "--out must be a folder"),
     ],
 )
-def test_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, cells, extra, message):
-    (tmp_path / "cells.yaml").write_text(cells)
+def test_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, monkeypatch, cells, extra, message):
+    monkeypatch.chdir(tmp_path)
+    Path("cells.yaml").write_text(cells)
     with pytest.raises(SystemExit) as stop:
-        grid.main(["--cells", str(tmp_path / "cells.yaml"), *extra, "--episodes", "1", "--out", str(tmp_path / "out")])
+        grid.main(["--cells", "cells.yaml", "--episodes", "1", "--out", "out", *extra])
     assert str(stop.value).startswith("error: ") and message in str(stop.value) and "\n" not in str(stop.value)
-    assert not (tmp_path / "out").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cells.yaml"]
 
 
 def test_the_module_command_exits_with_1_on_bad_input(tmp_path):
