@@ -92,6 +92,24 @@ def synthetic_steps(
         stack, vector = next_stack, next_vector
 
 
+def add_learner_options(parser) -> None:
+    """The TD3 options our side of a benchmark takes: by default the learner's own choice for the device
+    (`TD3(speedups=True)`); each flag forces one option on, `--no-speedups` turns the choice off."""
+    parser.add_argument("--no-speedups", action="store_true",
+                        help="TD3(speedups=False): float32 CNNs in the default layout unless a flag below says")
+    parser.add_argument("--compile", action="store_true", help="TD3(compile=True): torch.compile the networks")
+    parser.add_argument("--bf16-cnn", action="store_true", help="TD3(bf16_cnn=True): bf16 autocast CNNs")
+    parser.add_argument("--channels-last", action="store_true", help="TD3(channels_last=True)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="TD3(cuda_graph=True): replay the update from CUDA graphs (CUDA only)")
+
+
+def learner_options(args) -> dict:
+    """TD3 keyword arguments from `add_learner_options`' flags (only those given)."""
+    forced = {name: True for name in ("compile", "bf16_cnn", "channels_last", "cuda_graph") if getattr(args, name)}
+    return forced | ({"speedups": False} if args.no_speedups else {})
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()

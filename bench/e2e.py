@@ -1,7 +1,7 @@
 """End to end: wall time of the same training work, ours (`cli.py fit`) vs Stable-Baselines3 TD3 `learn()`.
 
     python bench/e2e.py [--device cpu|cuda] [--learning-starts 200] [--updates 60] [--num-envs 1]
-                        [--batch-size 256] [--buffer-size 20000] [--compile] [--bf16-cnn] [--channels-last]
+                        [--batch-size 256] [--buffer-size 20000] [--no-speedups] [--compile] [--bf16-cnn] [--channels-last]
                         [--cuda-graph] [--sample-on-device]
 
 Both train TD3 on our `DrivingEnv` (highway backend, image 4x84x84 + vector) from scratch: `--learning-starts`
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 
-from common import device_name, import_sb3, quiet_lightning, sb3_td3_kwargs
+from common import add_learner_options, device_name, import_sb3, learner_options, quiet_lightning, sb3_td3_kwargs
 from lightning_td3.collector import Collector
 from lightning_td3.envs import ENV_ID, EnvConfig
 
@@ -38,7 +38,6 @@ def cpu_seconds() -> float:
 
 
 def fit_config(args, env: dict, vector_size: int, folder: str) -> dict:
-    speedups = {name: True for name in ("compile", "bf16_cnn", "channels_last", "cuda_graph") if getattr(args, name)}
     return {
         "seed_everything": args.seed,
         "trainer": {
@@ -52,7 +51,7 @@ def fit_config(args, env: dict, vector_size: int, folder: str) -> dict:
         },
         "model": {"class_path": "lightning_td3.td3.TD3", "init_args": {
             "vector_size": vector_size, "log_every_n_updates": 100, "log_images_every_n_updates": 10**9,
-            **speedups}},
+            **learner_options(args)}},
         "data": {"num_envs": args.num_envs, "buffer_capacity": args.buffer_size, "batch_size": args.batch_size,
                  "eval_episodes": 1, "sample_on_device": args.sample_on_device, "env": env},
     }
@@ -100,10 +99,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--buffer-size", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compile", action="store_true", help="TD3(compile=True)")
-    parser.add_argument("--bf16-cnn", action="store_true", help="TD3(bf16_cnn=True), CUDA")
-    parser.add_argument("--channels-last", action="store_true", help="TD3(channels_last=True)")
-    parser.add_argument("--cuda-graph", action="store_true", help="TD3(cuda_graph=True), CUDA")
+    add_learner_options(parser)
     parser.add_argument("--sample-on-device", action="store_true", help="data.sample_on_device, CUDA")
 
 

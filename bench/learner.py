@@ -1,7 +1,7 @@
 """TD3 learner throughput, ours vs Stable-Baselines3, in the same run, on the same device and thread count.
 
     python bench/learner.py [--device cpu|cuda] [--rounds 3] [--updates 30] [--batch-size 256]
-                            [--compile] [--bf16-cnn] [--channels-last] [--cuda-graph] [--skip-sb3]
+                            [--no-speedups] [--compile] [--bf16-cnn] [--channels-last] [--cuda-graph] [--skip-sb3]
                             [--fixed-batch | --sample-on-device]
 
 Both learners do the same update (batch 256, twin critics and an actor with separate NatureCNNs of 512
@@ -30,8 +30,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from common import (
-    action_space, device_name, import_sb3, observation_space, quiet_lightning, sb3_td3_kwargs, synchronize,
-    synthetic_steps,
+    action_space, add_learner_options, device_name, import_sb3, learner_options, observation_space, quiet_lightning,
+    sb3_td3_kwargs, synchronize, synthetic_steps,
 )
 from datamodules.replay import ReplayStream
 from lightning_td3.device_replay import DeviceReplay
@@ -117,11 +117,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--transitions", type=int, default=2000, help="transitions in each replay buffer")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
-    parser.add_argument("--compile", action="store_true", help="TD3(compile=True): torch.compile the networks")
-    parser.add_argument("--bf16-cnn", action="store_true", help="TD3(bf16_cnn=True): bf16 autocast CNNs (CUDA)")
-    parser.add_argument("--channels-last", action="store_true", help="TD3(channels_last=True)")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="TD3(cuda_graph=True): replay the update from CUDA graphs (CUDA only)")
+    add_learner_options(parser)
     parser.add_argument("--skip-sb3", action="store_true", help="time ours only (no ratio)")
     parser.add_argument("--fixed-batch", action="store_true",
                         help="feed ours one sampled batch over and over (still copied to the device each update): "
@@ -154,11 +150,12 @@ def main() -> None:
                         pin_memory=args.device == "cuda" and not args.sample_on_device)
     if args.fixed_batch:
         loader = itertools.repeat(next(iter(loader)))
-    speedups = {name: True for name in ("compile", "bf16_cnn", "channels_last", "cuda_graph") if getattr(args, name)}
-    module = TD3(vector_size=vector_size, log_every_n_updates=100, log_images_every_n_updates=10**9, **speedups)
+    options = learner_options(args)
+    module = TD3(vector_size=vector_size, log_every_n_updates=100, log_images_every_n_updates=10**9, **options)
+    chosen = module.use_learner_settings(torch.device(args.device))  # what each fit's setup will choose again
 
     print(f"device: {device_name(args.device)}; batch {args.batch_size}; {args.rounds} rounds x {args.updates} "
-          f"timed updates ({args.warmup} warm-up); TD3 options: {speedups or 'defaults'}"
+          f"timed updates ({args.warmup} warm-up); TD3 options: {options or 'defaults'} -> CNNs: {chosen}"
           + ("; ours on one fixed batch (no replay sampling)" if args.fixed_batch else "")
           + ("; ours samples on the device" if args.sample_on_device else ""))
     ours_rates, sb3_rates = [], []

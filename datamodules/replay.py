@@ -153,7 +153,8 @@ class ReplayDataModule(pl.LightningDataModule):
         return self._episodes(self.test_seed)
 
     def _episodes(self, first_seed: int) -> DataLoader:
-        # Evaluated on this process's first live training server (CARLA); the same task, so the same seeds either way.
+        # Evaluated on this process's first live training server (CARLA), whose world the training envs leave to it
+        # meanwhile (`envs.carla_servers.evaluation_shares_world`); the same task, so the same seeds either way.
         env_config = self.env_configs[self.live_envs[0] if self.live_envs else 0]
         specs = [EpisodeSpec(env_config=env_config, seed=first_seed + i) for i in range(self.eval_episodes)]
         # Process r runs episodes r, r + world_size, ...: every seed exactly once (Lightning's default

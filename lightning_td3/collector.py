@@ -4,7 +4,9 @@ Warm-up: uniform random actions until `learning_starts` env steps (done before t
 update it steps the envs with the actor plus Gaussian noise until `updates_per_step` updates per env step hold.
 Env processes step while the learner updates (`overlap`): before an update the step under way is finished (its
 transitions stored) and the next one started, so an update sees every step but the one under way. Evaluation and
-checkpoints finish that step first, so a resumed run goes on exactly as an uninterrupted one.
+checkpoints finish that step first, so a resumed run goes on exactly as an uninterrupted one. Where evaluation runs
+in the training envs' world (a CARLA server), the training envs make way for it: they are closed, their open
+episodes closed in replay, and new ones start before the next update.
 Time-outs are stored as truncations (the target still bootstraps); only collisions, leaving the road and reaching
 the goal are terminal.
 
@@ -44,7 +46,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
 from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.envs.carla_backend import CarlaConnectionError
-from lightning_td3.envs.carla_servers import live_envs
+from lightning_td3.envs.carla_servers import evaluation_shares_world, live_envs
 from lightning_td3.errors import ConfigError, require
 from lightning_td3.evaluation import EpisodeResult, EvaluationMetrics
 from lightning_td3.fault_tolerance import stop_together
@@ -57,6 +59,9 @@ WARMUP_REPORT_EVERY = 1000  # env steps between warm-up progress lines
 # these as whole numbers (`lightning_td3.progress.ProgressBar`).
 COUNTERS = ("env_steps", "episodes")
 EPISODE_INFO = [field.name for field in fields(EpisodeResult)]  # what a finished env's final info must carry
+# What the Collector times with the trainer's profiler (`--trainer.profiler simple`; bench/breakdown.py reads them):
+# the policy's actions, the envs' step (with env processes, the wait for it), storing the transitions.
+PROFILED = {"act": "collector.act", "step": "collector.env_step", "store": "collector.store"}
 
 
 class CollectingModule(Protocol):
@@ -151,6 +156,7 @@ class Collector(pl.Callback):
         self._obs: dict[str, np.ndarray] | None = None
         self._in_flight: tuple | None = None  # (actions, results or None while env processes step) until finished
         self._fit: tuple[pl.Trainer, CollectingModule] | None = None  # for a checkpoint to finish that step first
+        self._made_way = False  # the envs were closed for evaluation in their world; reopened before the next update
         self._rng: np.random.Generator | None = None
         self._restored: list[dict] | None = None  # every process's saved state, until on_fit_start
         self._last_return = 0.0
@@ -189,6 +195,11 @@ class Collector(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: CollectingModule, batch, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
+        if self._made_way:
+            # Reopened here, not when validation ends: Lightning ends it for the callbacks before the module, whose
+            # evaluation env still holds the world then.
+            self._made_way = False
+            self._reopen_envs(trainer, module)
         while self._gave_up is None and (
             (module.env_steps - self.learning_starts) * self.updates_per_step < module.updates + 1
         ):
@@ -203,6 +214,18 @@ class Collector(pl.Callback):
     def on_validation_start(self, trainer: pl.Trainer, module: CollectingModule) -> None:
         # Evaluation, what the module logs with it and the checkpoints after it see every env step taken.
         self._finish_step(trainer, module)
+        if self.envs is not None and evaluation_shares_world(trainer.datamodule.env):
+            self._make_way_for_evaluation(trainer.datamodule)
+
+    def _make_way_for_evaluation(self, data: CollectorData) -> None:
+        """Close the training envs, so that evaluation in their world meets none of their actors: their ego would
+        hold its last control while evaluation ticks the world, their traffic would drive in its episodes, and
+        their episodes would go on from a state they did not produce. Their open episodes are closed in replay
+        without a next observation, as after a failure."""
+        for ring in range(data.buffer.num_envs):
+            data.buffer.drop_episode(ring)
+        self._close_envs()
+        self._made_way = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: CollectingModule, outputs, batch, batch_idx: int) -> None:
         self._batch_seconds += time.perf_counter() - self._batch_started
@@ -239,14 +262,16 @@ class Collector(pl.Callback):
             actions = self._rng.uniform(-1.0, 1.0, (num_envs, 2)).astype(np.float32)
         else:
             noise = self._rng.normal(0.0, self.exploration_noise, (num_envs, 2))
-            actions = np.clip(module.act(self._obs) + noise, -1.0, 1.0).astype(np.float32)
+            with trainer.profiler.profile(PROFILED["act"]):
+                actions = np.clip(module.act(self._obs) + noise, -1.0, 1.0).astype(np.float32)
         started = time.perf_counter()
         try:
-            if isinstance(self.envs, AsyncVectorEnv):
-                self.envs.step_async(actions)
-                outcome = None  # step_wait brings it
-            else:
-                outcome = self.envs.step(actions)
+            with trainer.profiler.profile(PROFILED["step"]):
+                if isinstance(self.envs, AsyncVectorEnv):
+                    self.envs.step_async(actions)
+                    outcome = None  # step_wait brings it
+                else:
+                    outcome = self.envs.step(actions)
         except Exception as error:  # whatever the simulator raised: the run goes on without this step
             self._recover(trainer, module, error)
             return
@@ -261,7 +286,8 @@ class Collector(pl.Callback):
         (actions, outcome), self._in_flight = self._in_flight, None
         started = time.perf_counter()
         try:
-            obs, reward, terminated, truncated, info = self.envs.step_wait() if outcome is None else outcome
+            with trainer.profiler.profile(PROFILED["step"]):
+                obs, reward, terminated, truncated, info = self.envs.step_wait() if outcome is None else outcome
         except Exception as error:  # whatever the simulator raised: the run goes on without this step
             module.env_steps -= len(actions)
             self._recover(trainer, module, error)
@@ -271,7 +297,8 @@ class Collector(pl.Callback):
         next_obs = _with_final_observations(obs, info, done)
         # Live env i writes ring live_envs[i]; the rings of envs left out (their server died) keep what they hold.
         data: CollectorData = trainer.datamodule
-        data.buffer.add(self._obs, actions, reward, next_obs, terminated, truncated, rings=data.live_envs)
+        with trainer.profiler.profile(PROFILED["store"]):
+            data.buffer.add(self._obs, actions, reward, next_obs, terminated, truncated, rings=data.live_envs)
         self._env_seconds += time.perf_counter() - started
         self._obs = obs
         if done.any():
@@ -314,11 +341,21 @@ class Collector(pl.Callback):
                 stacklevel=2,
             )
             try:
-                self.envs = self._make_envs(data)
-                self._obs, _ = self.envs.reset(seed=int(self._rng.integers(2**31)))
+                self._open_envs(data)
                 return
             except Exception as rebuild_error:
                 error = rebuild_error
+
+    def _reopen_envs(self, trainer: pl.Trainer, module: CollectingModule) -> None:
+        """Build the envs again after evaluation (`_make_way_for_evaluation`); a failure is an env failure."""
+        try:
+            self._open_envs(trainer.datamodule)
+        except Exception as error:  # whatever the simulator raised: as a failed step
+            self._recover(trainer, module, error)
+
+    def _open_envs(self, data: CollectorData) -> None:
+        self.envs = self._make_envs(data)
+        self._obs, _ = self.envs.reset(seed=int(self._rng.integers(2**31)))
 
     def _make_envs(self, data: CollectorData) -> VectorEnv:
         return make_vector_env([data.env_configs[index] for index in data.live_envs], self.async_envs)
@@ -367,12 +404,13 @@ class Collector(pl.Callback):
     def _own_state(self) -> dict:
         env_states = None  # no envs (they failed and were closed): a resumed run starts new episodes
         if self.envs is not None:
-            try:
+            # Asked first: an env that raised inside an asynchronous vector env's worker would end that worker.
+            if all(self.envs.get_attr("can_snapshot")):
                 # Pickled: simulator objects are not tensors, and bytes pass Lightning's weights_only loading.
                 env_states = pickle.dumps(list(self.envs.get_attr("simulator_state")))
-            except NotImplementedError as why:
-                warnings.warn(f"env state is not saved ({why}); a resumed run restarts its training episodes",
-                              stacklevel=2)
+            else:
+                warnings.warn("env state is not saved (the simulator cannot snapshot its world, as a CARLA server "
+                              "cannot); a resumed run restarts its training episodes", stacklevel=2)
         return {
             "obs": arrays_to_tensors(self._obs),
             "env_states": env_states,

@@ -28,6 +28,12 @@ class Policy(Protocol):
         world from `env.scene()` and `env.limits` but act only through the returned action."""
 
 
+# The CARLA Leaderboard's infraction coefficients (carla-simulator/leaderboard, leaderboard/utils/statistics_manager.py,
+# PENALTY_VALUE_DICT, at aec8131): each collision multiplies the episode's infraction penalty by its kind's. The
+# leaderboard's collision criterion counts no other kind ("other": contract.COLLISION_KINDS), so it costs nothing here.
+COLLISION_PENALTY = {"pedestrian": 0.50, "vehicle": 0.60, "static": 0.65, "other": 1.0}
+
+
 @dataclass
 class EpisodeResult:
     success: bool
@@ -37,6 +43,8 @@ class EpisodeResult:
     episode_length: int
     route_completion: float
     reason: str | None  # contract.TERMINAL_REASONS, "time_out", or None
+    collision_with: str | None  # what the ego hit (contract.COLLISION_KINDS), or None
+    route_outside_lanes: float  # share of the route driven so far that was off the road
 
     @classmethod
     def from_info(cls, info: dict[str, Any]) -> EpisodeResult:
@@ -49,7 +57,26 @@ class EpisodeResult:
             episode_length=int(info["episode_length"]),
             route_completion=float(info["route_completion"]),
             reason=info["reason"],
+            collision_with=info["collision_with"],
+            route_outside_lanes=float(info["route_outside_lanes"]),
         )
+
+    @property
+    def infraction_penalty(self) -> float:
+        """The CARLA Leaderboard's infraction penalty (statistics_manager.py, `compute_route_statistics`): 1 times
+        each infraction's coefficient: a collision's (COLLISION_PENALTY), and for driving outside the route's lanes
+        1 - the share of the driven route it covers (PENALTY_PERC_DICT: [0, 'increases']). The leaderboard's other
+        infractions (red lights, stop signs, scenario time-outs, minimum speed, emergency vehicles) need traffic
+        rules neither backend models; they are not charged."""
+        penalty = COLLISION_PENALTY[self.collision_with] if self.collision_with else 1.0
+        return penalty * (1.0 - self.route_outside_lanes)
+
+    @property
+    def driving_score(self) -> float:
+        """The CARLA Leaderboard's driving score of one route, on a 0..1 scale (the leaderboard's is 0..100): route
+        completion times the infraction penalty. A route whose goal was reached counts as complete, as the
+        leaderboard's RouteCompletionTest sets 100 % at its target."""
+        return (1.0 if self.success else self.route_completion) * self.infraction_penalty
 
 
 @dataclass
@@ -60,11 +87,25 @@ class EpisodeSpec:
     seed: int
 
 
+class EnvFailure(RuntimeError):
+    """An env call raised: its simulator failed (a CARLA time-out, a server gone). Raised from the env's exception,
+    so that a caller tells it from the policy's own errors."""
+
+
+def env_call(call: Callable, *args: Any, **kwargs: Any) -> Any:
+    """`call(*args, **kwargs)`, an env's construction, reset or step; whatever it raises comes as `EnvFailure`."""
+    try:
+        return call(*args, **kwargs)
+    except Exception as error:
+        raise EnvFailure(f"{type(error).__name__}: {error}") from error
+
+
 def run_episode(
     env: DrivingEnv, policy: Policy, seed: int, watch: Callable[[dict, dict], None] | None = None
 ) -> EpisodeResult:
-    """One episode; `watch(obs, info)` sees every observation (after the reset and each step), e.g. to film it."""
-    obs, info = env.reset(seed=seed)
+    """One episode; `watch(obs, info)` sees every observation (after the reset and each step), e.g. to film it.
+    What the env raises comes as `EnvFailure`."""
+    obs, info = env_call(env.reset, seed=seed)
     policy.reset(seed)
     terminated = truncated = False
     while True:
@@ -72,7 +113,8 @@ def run_episode(
             watch(obs, info)
         if terminated or truncated:
             return EpisodeResult.from_info(info)
-        obs, _, terminated, truncated, info = env.step(policy.act(obs, env))
+        action = policy.act(obs, env)
+        obs, _, terminated, truncated, info = env_call(env.step, action)
 
 
 # Metric name (after the prefix) -> the EpisodeResult field averaged into it.
@@ -83,11 +125,14 @@ METRIC_FIELDS = {
     "episode_return": "episode_return",
     "episode_length": "episode_length",
     "route_completion": "route_completion",
+    "infraction_penalty": "infraction_penalty",
+    "driving_score": "driving_score",
 }
 
 
 class EvaluationMetrics(Metric):
-    """Means over episodes of success, collision, speed, return, length and route completion, and the episode count.
+    """Means over episodes of success, collision, speed, return, length, route completion, infraction penalty and
+    driving score (the CARLA Leaderboard's, see `EpisodeResult`), and the episode count.
 
     Args:
         prefix: put before every metric name: "eval/" for evaluation episodes, "train/" for the collector's.

@@ -20,10 +20,38 @@ def _init_he(layer: nn.Conv2d | nn.Linear) -> None:
     nn.init.zeros_(layer.bias)
 
 
+class Frames:
+    """A batch of uint8 (B, 4, 84, 84) frame stacks, scaled to [-1, 1] once for all the CNNs that read it.
+
+    One TD3 update feeds the observation to the critic, the actor and the critic's Q1, and the next observation to
+    both targets. Scaling, casting and reordering a stack is memory-bound work that costs about as much as a small
+    convolution on a CPU, so each is done once per update and layout rather than once per network.
+    """
+
+    def __init__(self, image: torch.Tensor):
+        # Scaling in the network rather than in the replay buffer or data path keeps images uint8 (4x smaller)
+        # until they reach the device, and makes it impossible to feed a net pre-scaled pixels by accident.
+        if image.dtype != torch.uint8:
+            raise TypeError(f"NatureCNN expects a uint8 image; got {image.dtype}")
+        self.image = image
+        self._scaled: dict[tuple[torch.dtype, torch.memory_format], torch.Tensor] = {}
+
+    def scaled(self, dtype: torch.dtype, memory_format: torch.memory_format) -> torch.Tensor:
+        """The stacks in [-1, 1] as `dtype` in `memory_format`: computed in float32 then cast, so the bf16 values are
+        those autocast would give the float32 pixels."""
+        key = (dtype, memory_format)
+        if key not in self._scaled:
+            # In place after the one copy: the same arithmetic without two more copies.
+            pixels = self.image.contiguous(memory_format=memory_format).float().div_(127.5).sub_(1.0)
+            self._scaled[key] = pixels.to(dtype)
+        return self._scaled[key]
+
+
 class NatureCNN(nn.Module):
     """uint8 (B, 4, 84, 84) frame stack -> (B, feature_size) features, the DQN Nature encoder with LeakyReLU.
 
-    `bf16`: run the encoder under bfloat16 autocast (meant for CUDA; its features are returned as float32).
+    `bf16`: run the convolutions and the feature layer under bfloat16 autocast (features are returned as float32).
+    Its input is a uint8 tensor or the `Frames` an update shares between networks.
     """
 
     def __init__(self, in_channels: int = FRAME_STACK, feature_size: int = 512, bf16: bool = False):
@@ -43,16 +71,17 @@ class NatureCNN(nn.Module):
             if isinstance(layer, (nn.Conv2d, nn.Linear)):
                 _init_he(layer)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        # Scaling here rather than in the replay buffer or data path keeps images uint8 (4x smaller) until
-        # they reach the device, and makes it impossible to feed a net pre-scaled pixels by accident.
-        if image.dtype != torch.uint8:
-            raise TypeError(f"NatureCNN expects a uint8 image; got {image.dtype}")
-        pixels = image.float().div_(127.5).sub_(1.0)  # in place: the same arithmetic without two more copies
+    def forward(self, image: torch.Tensor | Frames) -> torch.Tensor:
+        frames = image if isinstance(image, Frames) else Frames(image)
+        # The layout of the first convolution's weights (`channels_last` turns the whole module): handed the pixels
+        # in it, the convolution does not reorder them itself.
+        channels_last = self.convs[0].weight.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        pixels = frames.scaled(torch.bfloat16 if self.bf16 else torch.float32, layout)
         # bf16 for the convolutions and the feature layer only, where nearly all the compute is; the features go
         # on in float32, so heads, Q values, TD targets and losses keep full precision. No cast cache: each weight is
         # cast once per forward anyway, and a cache must not outlive a CUDA graph capture (TD3's cuda_graph).
-        with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+        with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
             features = self.linear(self.convs(pixels))
         return features.float()
 
@@ -94,7 +123,7 @@ class Actor(nn.Module):
         self.cnn = NatureCNN(feature_size=feature_size, bf16=bf16_cnn)
         self.head = mlp(feature_size + self.read_vector_size, tuple(hidden_sizes), action_size, layer_norm)
 
-    def forward(self, image: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor | Frames, vector: torch.Tensor) -> torch.Tensor:
         read = vector[:, : self.read_vector_size]
         return torch.tanh(self.head(torch.cat([self.cnn(image), read], dim=1)))
 
@@ -122,12 +151,12 @@ class TwinCritic(nn.Module):
         return torch.cat([features, vector, action], dim=1)
 
     def forward(
-        self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor
+        self, image: torch.Tensor | Frames, vector: torch.Tensor, action: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         head_input = self._head_input(self.cnn(image), vector, action)
         return self.q1_head(head_input).squeeze(-1), self.q2_head(head_input).squeeze(-1)
 
-    def q1(self, image: torch.Tensor, vector: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    def q1(self, image: torch.Tensor | Frames, vector: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Q1 only, for the actor loss (TD3 maximises Q1 alone).
 
         The actor's gradient reaches Q1 through `action` alone and the critic's CNN sees only the observation,

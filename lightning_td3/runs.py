@@ -180,6 +180,7 @@ def cli_command(subcommand: str, checkpoint: str | Path) -> str:
 # What the closing summary of a fit shows of its last evaluation: (metric, label, as a percentage).
 SUMMARY_METRICS = (
     ("eval/success_rate", "success", True),
+    ("eval/driving_score", "driving score", True),  # the CARLA Leaderboard's (evaluation.EpisodeResult)
     ("eval/collision_rate", "collisions", True),
     ("eval/route_completion", "route completed", True),
     ("eval/avg_speed_kmh", "average speed, km/h", False),

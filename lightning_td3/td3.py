@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -31,8 +32,14 @@ from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.envs.config import IMAGE_SIZE
 from lightning_td3.errors import CheckpointError, require
 from lightning_td3.evaluation import EvaluationMetrics, Policy
-from lightning_td3.networks import Actor, TwinCritic
+from lightning_td3.networks import Actor, Frames, TwinCritic
 from lightning_td3.run_progress import ProgressField, RunProgress
+
+
+# What training_step times with the trainer's profiler (`--trainer.profiler simple`; bench/breakdown.py reads them):
+# drawing the batch from replay and moving it to the device; the update (on a GPU without a sync, so there it times
+# the launch, and the wait shows in the next host read).
+PROFILED = {"sample": "td3.sample_batch", "update": "td3.update"}
 
 
 @dataclass
@@ -75,17 +82,45 @@ def smoothed_target_action(
     return (target_action + noise).clamp(-1.0, 1.0)
 
 
+def fast_settings(device: torch.device) -> dict[str, bool]:
+    """The learner settings `TD3(speedups=True)` turns on for `device`: those measured faster there
+    (`bench/learner.py`) that leave what is learned unchanged (docs/performance.md).
+
+    A CPU with bf16 arithmetic (AVX512-BF16 or AMX): bf16 CNNs in channels-last. Elsewhere on a CPU bf16 is emulated,
+    and on CUDA nothing is chosen until measured there.
+    """
+    if device.type == "cpu" and _cpu_has_bf16():
+        return {"bf16_cnn": True, "channels_last": True}
+    return {}
+
+
+def _cpu_has_bf16() -> bool:
+    # torch.cpu's probes are private: a torch without them is taken for a CPU without bf16.
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
     """Each stack of a (B, C, H, W) batch moved by its own random whole-pixel offset in [-max_shift, max_shift] on
     both axes, the edge pixels repeated into the gap (DrQ's pad-and-crop). The frames of one stack move together,
     so the motion between them stays as recorded."""
-    batch, _, height, width = images.shape
+    batch, channels, height, width = images.shape
     offsets = torch.randint(-max_shift, max_shift + 1, (batch, 2), device=images.device)
-    rows = (torch.arange(height, device=images.device) + offsets[:, :1]).clamp(0, height - 1)
-    cols = (torch.arange(width, device=images.device) + offsets[:, 1:]).clamp(0, width - 1)
-    samples = torch.arange(batch, device=images.device)[:, None, None, None]
-    channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-    return images[samples, channels, rows[:, None, :, None], cols[:, None, None, :]]
+    padded = _edge_padded(images, max_shift)
+    # One flat gather from the padded stacks, with the offsets on the device: no host sync (a CUDA graph can hold
+    # it), and on a CPU a tenth of the time of indexing with four broadcast index tensors.
+    padded_height, padded_width = padded.shape[2:]
+    arange = partial(torch.arange, device=images.device)
+    stack_starts = arange(batch * channels).view(batch, channels, 1, 1) * (padded_height * padded_width)
+    rows = arange(height).view(1, 1, height, 1) + (offsets[:, 0] + max_shift).view(batch, 1, 1, 1)
+    cols = arange(width).view(1, 1, 1, width) + (offsets[:, 1] + max_shift).view(batch, 1, 1, 1)
+    return torch.take(padded, stack_starts + rows * padded_width + cols)
+
+
+def _edge_padded(images: torch.Tensor, pad: int) -> torch.Tensor:
+    """`images` with their edge rows and columns repeated `pad` times outward (F.pad's "replicate", for uint8)."""
+    rows = torch.cat([images[:, :, :1].expand(-1, -1, pad, -1), images, images[:, :, -1:].expand(-1, -1, pad, -1)], 2)
+    return torch.cat([rows[..., :1].expand(-1, -1, -1, pad), rows, rows[..., -1:].expand(-1, -1, -1, pad)], 3)
 
 
 class TD3(DrivingModule):
@@ -106,10 +141,16 @@ class TD3(DrivingModule):
         max_grad_norm: gradient clipping (L2 norm) for both optimizers.
         log_every_n_updates: how often losses, Q statistics and grad norms are logged.
         log_images_every_n_updates: how often camera stacks, histograms and CNN feature statistics are logged.
+        speedups: let the learner pick, for the device it runs on, the settings measured faster there without
+            changing what is learned (`fast_settings`, docs/performance.md); `channels_last` and `bf16_cnn` left
+            at None follow it. False: float32 CNNs in the default layout unless those two say otherwise. The
+            choice is logged when the module is set up.
         channels_last: keep conv weights (and so activations) channels-last, the layout fast conv kernels want.
-        compile: `torch.compile` the CNNs and heads (the first updates pay for compilation).
-        bf16_cnn: run the CNNs under bfloat16 autocast (meant for CUDA); heads, Q values, targets and losses stay
-            float32, where bf16's 8-bit mantissa would blur TD targets.
+            None: as `speedups` chooses.
+        compile: `torch.compile` the CNNs and heads (the first updates pay for compilation; not chosen by
+            `speedups`: on a 2-core CPU it did not pay back its compile time at batch 64).
+        bf16_cnn: run the CNNs under bfloat16 autocast; heads, Q values, targets and losses stay float32, where
+            bf16's 8-bit mantissa would blur TD targets. None: as `speedups` chooses.
         max_nonfinite_updates: updates in a row skipped for a NaN/Inf loss or gradient (a NaN/Inf in the batch
             shows there too) after which the run writes a checkpoint and stops. A skipped update steps no optimizer
             and no target (an actor failure comes after the critic's step, which stays). The skip is decided on the
@@ -153,9 +194,10 @@ class TD3(DrivingModule):
         max_grad_norm: float = 10.0,
         log_every_n_updates: int = 100,
         log_images_every_n_updates: int = 5000,
-        channels_last: bool = False,
+        speedups: bool = True,
+        channels_last: bool | None = None,
         compile: bool = False,
-        bf16_cnn: bool = False,
+        bf16_cnn: bool | None = None,
         max_nonfinite_updates: int = 100,
         cuda_graph: bool = False,
         image_shift: int = 0,
@@ -195,11 +237,9 @@ class TD3(DrivingModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         sizes = dict(vector_size=vector_size, hidden_sizes=tuple(hidden_sizes), layer_norm=layer_norm)
-        self.actor = Actor(**sizes, bf16_cnn=bf16_cnn, critic_only_vector=critic_only_vector)
-        self.critic = TwinCritic(**sizes, bf16_cnn=bf16_cnn)
-        if channels_last:
-            self.actor.to(memory_format=torch.channels_last)
-            self.critic.to(memory_format=torch.channels_last)
+        # Float32 in the default layout until `setup` knows the device (`use_learner_settings`).
+        self.actor = Actor(**sizes, critic_only_vector=critic_only_vector)
+        self.critic = TwinCritic(**sizes)
         self.actor_target = _frozen_copy(self.actor)
         self.critic_target = _frozen_copy(self.critic)
         if compile:
@@ -238,10 +278,30 @@ class TD3(DrivingModule):
         if env is not None and stage == "fit":
             # A resumed checkpoint's records replace these (and its camera is checked).
             self.trained_camera, self.trained_env = env.camera, env.settings()
+        self.use_learner_settings(self.trainer.strategy.root_device)
         if isinstance(self.trainer.strategy, DDPStrategy):
             _let_ddp_find_unused_parameters(self.trainer.strategy)
         if self.hparams.cuda_graph and stage == "fit":
             self._check_cuda_graph_fits()
+
+    def use_learner_settings(self, device: torch.device) -> dict[str, bool]:
+        """Set the CNNs' precision and layout for `device` (what `speedups` picks there, unless `bf16_cnn` or
+        `channels_last` say), log the choice and return it."""
+        hp = self.hparams
+        fast = fast_settings(device) if hp.speedups else {}
+        chosen = {
+            name: bool(fast.get(name, False)) if hp[name] is None else hp[name] for name in ("bf16_cnn", "channels_last")
+        }
+        layout = torch.channels_last if chosen["channels_last"] else torch.contiguous_format
+        for network in (self.actor, self.critic, self.actor_target, self.critic_target):
+            network.cnn.bf16 = chosen["bf16_cnn"]
+            network.to(memory_format=layout)
+        on = [name for name, value in chosen.items() if value]
+        rank_zero_info(
+            f"TD3 learner on {device.type}: {', '.join(on) if on else 'float32 CNNs, default layout'}"
+            + (f" (model.speedups for this {device.type}; false turns them off)" if fast else "")
+        )
+        return chosen
 
     def configure_optimizers(self):
         # Fit's env check (see `setup`): its first hook after any checkpoint is restored, before the Collector steps
@@ -272,13 +332,16 @@ class TD3(DrivingModule):
         hp = self.hparams
         update = self.updates
         actor_step = update % hp.policy_delay == 0  # the delayed actor and target updates
-        batch = self._next_batch(dataloader_iter)
+        profiler = self.trainer.profiler
+        with profiler.profile(PROFILED["sample"]):
+            batch = self._next_batch(dataloader_iter)
         if 0 < update <= hp.lr_decay_updates:  # past its end the rates hold: nothing to set on the hot path
             self._decay_learning_rates(update)
-        if self._graphed_update is not None:
-            stats = self._graphed_update(batch, actor_step)
-        else:
-            stats = self._update(batch, self.optimizers(), actor_step)
+        with profiler.profile(PROFILED["update"]):
+            if self._graphed_update is not None:
+                stats = self._graphed_update(batch, actor_step)
+            else:
+                stats = self._update(batch, self.optimizers(), actor_step)
         self.updates = update + 1
 
         # Logging on multiples of the policy delay catches an actor update too.
@@ -302,6 +365,7 @@ class TD3(DrivingModule):
         next_image, next_vector = batch["next_image"], batch["next_vector"]
         if hp.image_shift:
             image, next_image = random_shift(image, hp.image_shift), random_shift(next_image, hp.image_shift)
+        image, next_image = Frames(image), Frames(next_image)  # each scaled once for all the CNNs that read it
 
         # Critic: regress both Q heads onto the clipped double-Q target of the smoothed target policy.
         with torch.no_grad():

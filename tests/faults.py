@@ -9,6 +9,8 @@ import numpy as np
 import pytorch_lightning as pl
 
 from lightning_td3.envs import carla_backend, contract
+from lightning_td3.envs.config import EnvConfig
+from lightning_td3.envs.contract import DrivingEnv
 from lightning_td3.envs.highway_backend import HighwayBackend
 from lightning_td3.replay import ReplayBuffer
 from tests.test_carla_backend import FakeCarlaClient, FakeCarlaWorld
@@ -129,17 +131,22 @@ class CrashOnRank(pl.Callback):
 
 class DyingCarlaWorld(FakeCarlaWorld):
     """Server-side test double: the fixture world of one CARLA server, whose ticks time out once it is killed
-    (by `kill`, or at its tick number `dies_at_tick`)."""
+    (by `kill`, or at its tick number `dies_at_tick`), or just once (`time_out_next_tick`)."""
 
     def __init__(self, dies_at_tick: int | None = None):
         super().__init__()
         self.killed = False
         self.dies_at_tick = dies_at_tick
+        self._time_outs = 0
+
+    def time_out_next_tick(self) -> None:
+        self._time_outs += 1
 
     def tick(self, seconds: float = 10.0) -> int:
         if self.dies_at_tick is not None and self.ticks + 1 >= self.dies_at_tick:
             self.killed = True
-        if self.killed:
+        if self.killed or self._time_outs:
+            self._time_outs = max(self._time_outs - 1, 0)
             raise RuntimeError(f"time-out of {seconds * 1000:.0f}ms while waiting for the simulator")
         return super().tick(seconds)
 
@@ -170,14 +177,33 @@ class DyingCarlaServers:
             return "0.9.16"
 
 
+def driving_env_on_doubles(addresses: list[str], config: EnvConfig) -> DrivingEnv:
+    """A `DrivingEnv` whose CARLA clients talk to `DyingCarlaServers(addresses)` of this process: picklable (with
+    `functools.partial`), so an asynchronous vector env's worker process builds its env against the doubles too."""
+    DyingCarlaServers(addresses).install()
+    return DrivingEnv(config)
+
+
 def _address(address: str) -> tuple[str, int]:
     host, port = address.split(":")[:2]
     return host, int(port)
 
 
 class CarlaServerDoubles(pl.Callback):
-    """For a DDP run started as a real command: installs `DyingCarlaServers` in every process as the config is read,
-    before the datamodule asks its servers (callbacks are built first; their hooks would come too late)."""
+    """For a run started through the CLI: installs `DyingCarlaServers` (kept in `servers`) as the config is read,
+    before the datamodule asks its servers (callbacks are built first; their hooks would come too late); in every
+    process of a DDP run. With `time_out_in_validation` = n, the first tick of validation run n (from 0) times out
+    on every server."""
 
-    def __init__(self, servers: list[str], dies_at_tick: dict[str, int]):
-        DyingCarlaServers(servers, dies_at_tick).install()
+    def __init__(self, servers: list[str], dies_at_tick: dict[str, int] | None = None,
+                 time_out_in_validation: int | None = None):
+        self.servers = DyingCarlaServers(servers, dies_at_tick)
+        self.servers.install()
+        self.time_out_in_validation = time_out_in_validation
+        self.validations = 0
+
+    def on_validation_start(self, trainer, module) -> None:
+        if self.validations == self.time_out_in_validation:
+            for world in self.servers.worlds.values():
+                world.time_out_next_tick()
+        self.validations += 1

@@ -249,3 +249,4 @@ def test_idm_mobil_beats_random_on_medium_traffic():
     assert idm["eval/collision_rate"] <= random["eval/collision_rate"]
     assert idm["eval/collision_rate"] <= 0.25
     assert idm["eval/route_completion"] > random["eval/route_completion"]
+    assert idm["eval/driving_score"] >= random["eval/driving_score"] + 0.5  # the CARLA Leaderboard's, on highway

@@ -8,9 +8,12 @@ world, actors, sensors, Traffic Manager) is a test double: `FakeCarlaClient` / `
 from __future__ import annotations
 
 import fnmatch
+import gc
 import math
 import socket
+import threading
 import time
+import weakref
 from functools import cache
 from pathlib import Path
 
@@ -48,6 +51,7 @@ from lightning_td3.envs.carla_road import (
 from lightning_td3.envs.config import CarlaConfig, EnvConfig
 from lightning_td3.envs.contract import DrivingEnv, Neighbour
 from lightning_td3.errors import ConfigError
+from lightning_td3.evaluation import EpisodeResult
 
 DATA = Path(__file__).parent / "data"
 LANE_WIDTH_M = 3.5
@@ -55,6 +59,8 @@ LANE_WIDTH_M = 3.5
 FRONT_AXLE_CM, REAR_AXLE_CM, HALF_TRACK_CM = 150.0, -140.0, 80.0
 MAX_STEER_DEG = 70.0
 CAR_HALF_LENGTH_M = 2.4
+CENTIMETRES = 100.0
+SENSOR_DELAY_S = 0.002  # how long after a tick the fake world's sensor data reach the client
 
 
 @cache
@@ -307,11 +313,14 @@ def test_grayscale_reads_the_camera_buffer_as_bgra():
     np.testing.assert_array_equal(gray.ravel(), expected)
 
 
-def fake_physics_control() -> carla.VehiclePhysicsControl:
+def fake_physics_control(place=lambda offset_cm: offset_cm) -> carla.VehiclePhysicsControl:
+    """Front left, front right, rear left, rear right wheels; `place` maps each wheel's offset from the car's centre
+    (cm) to the position reported."""
     wheels = []
     for x_cm, steer_deg in ((FRONT_AXLE_CM, MAX_STEER_DEG), (REAR_AXLE_CM, 0.0)):
         for y_cm in (-HALF_TRACK_CM, HALF_TRACK_CM):
-            wheels.append(carla.WheelPhysicsControl(max_steer_angle=steer_deg, position=carla.Vector3D(x_cm, y_cm, 30.0)))
+            position = place(carla.Vector3D(x_cm, y_cm, 30.0))
+            wheels.append(carla.WheelPhysicsControl(max_steer_angle=steer_deg, position=position))
     return carla.VehiclePhysicsControl(wheels=wheels)
 
 
@@ -432,7 +441,17 @@ class FakeActor:
 
 
 class FakeVehicle(FakeActor):
-    """Drives straight along its yaw: throttle accelerates, brake decelerates (enough for a test)."""
+    """Drives straight along its yaw: throttle accelerates, brake decelerates (enough for a test).
+
+    CARLA behaviour it follows:
+    - a control applies from the next tick on and holds until another is applied (python_api.md,
+      carla.Vehicle.apply_control: "Applies a control object on the next tick"; get_control: "the control applied in
+      the last tick"), so a car nobody drives keeps its last throttle;
+    - wheel positions in the physics control are world positions in centimetres (python_api.md,
+      carla.WheelPhysicsControl.position: "World position of the wheel. This is a read-only parameter"). That a car
+      not yet simulated reports them as zeros is an assumption (the docs say nothing): this double does, so the
+      backend must read them only after a tick.
+    """
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -440,6 +459,7 @@ class FakeVehicle(FakeActor):
         self.controls: list[carla.VehicleControl] = []
         self.autopilot_port: int | None = None
         self.speed_mps = 0.0
+        self.simulated = False
 
     def apply_control(self, control: carla.VehicleControl) -> None:
         self.controls.append(control)
@@ -448,13 +468,19 @@ class FakeVehicle(FakeActor):
         self.autopilot_port = port if enabled else None
 
     def get_physics_control(self) -> carla.VehiclePhysicsControl:
-        return fake_physics_control()
+        def world_cm(offset_cm: carla.Vector3D) -> carla.Vector3D:
+            if not self.simulated:
+                return carla.Vector3D()
+            return self.transform.transform(offset_cm / CENTIMETRES) * CENTIMETRES  # transform() maps a local point
+
+        return fake_physics_control(world_cm)
 
     def get_velocity(self) -> carla.Vector3D:
         forward = self.transform.get_forward_vector()
         return carla.Vector3D(forward.x * self.speed_mps, forward.y * self.speed_mps, 0.0)
 
     def advance(self, dt: float) -> None:
+        self.simulated = True
         if self.controls:
             control = self.controls[-1]
             self.speed_mps = max(self.speed_mps + (4.0 * control.throttle - 8.0 * control.brake) * dt, 0.0)
@@ -462,17 +488,25 @@ class FakeVehicle(FakeActor):
 
 
 class FakeCameraImage:
+    alive: weakref.WeakSet = weakref.WeakSet()  # every image not yet garbage: what the client holds
+
     def __init__(self, frame: int, size: int):
         self.frame, self.width, self.height = frame, size, size
         self.raw_data = bytes(np.full((size, size, 4), 128, np.uint8).ravel())
+        FakeCameraImage.alive.add(self)
 
 
 class FakeCollisionEvent:
-    def __init__(self, actor: FakeActor):
-        self.actor = actor
+    """python_api.md, carla.CollisionEvent: the sensor's parent `actor`, the `other_actor` hit, and (as every
+    carla.SensorData) the `frame` it happened in."""
+
+    def __init__(self, frame: int, actor: FakeActor, other_actor: FakeActor):
+        self.frame, self.actor, self.other_actor = frame, actor, other_actor
 
 
 class FakeSensor(FakeActor):
+    """`listen` registers the callback the world's data go to, `stop` ends them (python_api.md, carla.Sensor)."""
+
     def __init__(self, *args, parent: FakeVehicle):
         super().__init__(*args)
         self.parent = parent
@@ -524,6 +558,10 @@ class FakeCarlaWorld:
         self.actors: dict[int, FakeActor] = {}
         self.frame = 0
         self.ticks = 0
+        self._deliveries: list[threading.Timer] = []
+        self.traffic_managers: dict[int, FakeTrafficManager] = {}
+        self.most_egos_in_a_tick = 0  # egos ("hero") alive in one tick, at most: two backends sharing the world
+        self._late_events: list[tuple[int, FakeSensor, FakeCollisionEvent]] = []  # (frame delivered, sensor, event)
 
     def get_map(self) -> carla.Map:
         return self.map
@@ -532,6 +570,7 @@ class FakeCarlaWorld:
         return _copy_settings(self.settings)
 
     def apply_settings(self, settings: carla.WorldSettings) -> int:
+        # python_api.md, carla.World.apply_settings: "returns the ID of the frame they were implemented".
         self.settings = _copy_settings(settings)
         return self.frame
 
@@ -539,6 +578,7 @@ class FakeCarlaWorld:
         return FakeBlueprintLibrary()
 
     def try_spawn_actor(self, blueprint: FakeBlueprint, transform: carla.Transform) -> FakeVehicle | None:
+        # python_api.md, carla.World.try_spawn_actor: None instead of an exception when the place is taken.
         occupied = any(
             isinstance(a, FakeVehicle) and a.alive and a.transform.location.distance(transform.location) < 2.0
             for a in self.actors.values()
@@ -562,25 +602,56 @@ class FakeCarlaWorld:
         return next(v for v in self.alive(FakeVehicle) if v.attributes.get("role_name") == "hero")
 
     def tick(self, seconds: float = 10.0) -> int:
+        """One synchronous step. As on a server, the sensor data of the frame reach their callbacks on another
+        thread, after `tick` returned (adv_synchrony_timestep.md, "Using synchronous mode"; the camera "with a delay
+        of a couple of frames" there is modelled as SENSOR_DELAY_S); a collision may be delivered later still."""
         assert self.settings.synchronous_mode, "the backend ticks only a synchronous world"
         self.frame += 1
         self.ticks += 1
         for vehicle in self.alive(FakeVehicle):
             vehicle.advance(self.settings.fixed_delta_seconds)
+        egos = [v for v in self.alive(FakeVehicle) if v.attributes.get("role_name") == "hero"]
+        self.most_egos_in_a_tick = max(self.most_egos_in_a_tick, len(egos))
+        due = [event for event in self._late_events if event[0] <= self.frame]
+        self._late_events = [event for event in self._late_events if event[0] > self.frame]
+        for _, sensor, event in due:
+            self._deliver(sensor.callback, event)
         for camera in self._listening("sensor.camera.rgb"):
-            camera.callback(FakeCameraImage(self.frame, int(camera.attributes["image_size_x"])))
+            self._deliver(camera.callback, FakeCameraImage(self.frame, int(camera.attributes["image_size_x"])))
         return self.frame
 
-    def collide(self, vehicle: FakeVehicle) -> None:
+    def _deliver(self, callback, data) -> None:
+        delivery = threading.Timer(SENSOR_DELAY_S, callback, [data])
+        self._deliveries.append(delivery)
+        delivery.start()
+
+    def flush_sensors(self) -> None:
+        """Wait until every sensor datum sent so far has reached its callback."""
+        for delivery in self._deliveries:
+            delivery.join()
+        self._deliveries.clear()
+
+    def collide(self, vehicle: FakeVehicle, other_type_id: str = "vehicle.audi.a2", delivered_after: int = 0) -> None:
+        """`vehicle` hits an actor of `other_type_id` in the current frame; the event reaches the collision sensor's
+        callback `delivered_after` ticks later (0: now, before the next tick)."""
+        other = FakeActor(self, 0, FakeBlueprint(other_type_id), vehicle.transform)
         for sensor in self._listening("sensor.other.collision"):
             if sensor.parent is vehicle:
-                sensor.callback(FakeCollisionEvent(vehicle))
+                event = FakeCollisionEvent(self.frame, vehicle, other)
+                if delivered_after == 0:
+                    sensor.callback(event)
+                else:
+                    self._late_events.append((self.frame + delivered_after, sensor, event))
 
     def _listening(self, type_id: str) -> list[FakeSensor]:
         return [s for s in self.alive(FakeSensor) if s.type_id == type_id and s.callback is not None]
 
 
 class FakeTrafficManager:
+    """The Traffic Manager on one port. Its synchronous mode must follow the world's (adv_synchrony_timestep.md:
+    "If synchronous mode is enabled, and there is a Traffic Manager running, this must be set to sync mode too");
+    the API has a setter and no getter for it, so only this double can tell what it was left in."""
+
     def __init__(self, port: int):
         self.port = port
         self.synchronous = False
@@ -618,10 +689,15 @@ class FakeCarlaClient:
         return self.world
 
     def get_trafficmanager(self, port: int) -> FakeTrafficManager:
-        self.traffic_manager = FakeTrafficManager(port)
+        # One Traffic Manager per port, whichever client asks (python_api.md, carla.Client.get_trafficmanager:
+        # "Returns an instance of the traffic manager related to the specified port. If it does not exist, this will
+        # be created.").
+        self.traffic_manager = self.world.traffic_managers.setdefault(port, FakeTrafficManager(port))
         return self.traffic_manager
 
     def apply_batch_sync(self, commands, do_tick: bool = False) -> list:
+        # python_api.md, carla.Client.apply_batch_sync: the commands run on one simulation step; the backend reads no
+        # responses, so none are made here.
         ids = [command.actor_id for command in commands]
         for actor_id in ids:
             self.world.actors[actor_id].alive = False
@@ -763,6 +839,7 @@ def test_close_destroys_every_spawned_actor_sensors_first_and_restores_the_world
 
 
 def test_state_snapshots_are_not_supported(backend):
+    assert not backend.can_snapshot  # what the Collector asks before asking for the state
     with pytest.raises(NotImplementedError, match="restarts its episodes"):
         backend.get_state()
     with pytest.raises(NotImplementedError, match="restarts its episodes"):
@@ -780,6 +857,93 @@ def test_a_collision_ends_the_driving_env_episode(monkeypatch, fake_client):
         fake_client.world.collide(fake_client.world.ego())
         _, _, terminated, _, info = env.step(np.array([0.0, 0.5]))
         assert terminated and info["reason"] == "collision" and info["collision"]
+        assert info["collision_with"] == "vehicle"  # what the driving score charges (0.6)
+        assert EpisodeResult.from_info(info).infraction_penalty == pytest.approx(0.6)
     finally:
         env.close()
     assert fake_client.world.alive() == []
+
+
+# ------------------------------------------------------------------- sensor timing, measured from the fake world
+
+
+def test_the_wheelbase_is_read_once_the_car_has_been_simulated(backend, fake_client):
+    backend.reset(seed=0)
+    assert backend.limits.wheelbase_m == pytest.approx((FRONT_AXLE_CM - REAR_AXLE_CM) / CENTIMETRES)
+    assert backend.limits.max_steer_rad == pytest.approx(math.radians(MAX_STEER_DEG))
+
+
+def test_a_warm_up_collision_that_arrives_late_is_not_charged_to_the_agent(backend, fake_client):
+    world = fake_client.world
+    landing_frame = world.frame + carla_backend.WARMUP_TICKS  # the warm-up's last tick
+
+    real_tick = world.tick
+
+    def tick(seconds: float = 10.0) -> int:
+        frame = real_tick(seconds)
+        if frame == landing_frame:  # the ego bumps a car as it lands; the event comes a tick late
+            world.collide(world.ego(), delivered_after=1)
+        return frame
+
+    world.tick = tick
+    backend.reset(seed=0)
+    backend.step(0.0, 0.0)
+    world.flush_sensors()
+    assert backend.measure().collision is None
+
+
+def test_a_collision_is_counted_by_its_frame_and_classified_as_the_leaderboard_does(backend, fake_client):
+    world = fake_client.world
+    backend.reset(seed=0)
+    backend.step(0.0, 0.5)
+    world.collide(world.ego(), other_type_id="static.prop.streetbarrier", delivered_after=1)
+    assert backend.measure().collision is None  # not arrived yet
+    backend.step(0.0, 0.5)
+    world.flush_sensors()
+    assert backend.measure().collision == "static"
+
+
+@pytest.mark.parametrize(
+    ("type_id", "kind"),
+    [("vehicle.audi.a2", "vehicle"), ("walker.pedestrian.0001", "pedestrian"), ("static.prop.trafficcone01", "static"),
+     ("traffic.traffic_light", "static"), ("static.sidewalk", "other"), ("sensor.other.collision", "other")],
+)
+def test_collision_kinds_follow_the_leaderboards_collision_criterion(type_id, kind):
+    assert carla_backend.collision_kind(type_id) == kind
+
+
+def test_images_the_backend_does_not_ask_for_are_not_kept(backend, fake_client):
+    world = fake_client.world
+    backend.reset(seed=0)
+    for _ in range(40):  # another client ticking the world while this backend waits
+        world.tick()
+    world.flush_sensors()
+    gc.collect()
+    assert len(FakeCameraImage.alive) == 1  # the newest
+    backend.step(0.0, 0.0)
+    assert backend.frame().shape == (84, 84)  # the image of its own tick
+
+
+# --------------------------------------------------------------------------- the server handed back as found
+
+
+@pytest.mark.parametrize("first_closed", ["training", "evaluation"])
+def test_two_backends_on_one_server_hand_it_back_as_found_whichever_closes_first(fake_client, first_closed):
+    # Lightning tears the callbacks (the training envs) down before the module (its evaluation env).
+    training = CarlaBackend(carla_env_config(), client=fake_client)
+    evaluation = CarlaBackend(carla_env_config(), client=fake_client)  # finds the world synchronous already
+    for backend in (training, evaluation) if first_closed == "training" else (evaluation, training):
+        backend.close()
+    world = fake_client.world
+    assert not world.settings.synchronous_mode and not world.settings.fixed_delta_seconds
+    assert not world.traffic_managers[8123].synchronous
+
+
+def test_settings_a_user_chose_are_given_back(fake_client):
+    world = fake_client.world
+    world.settings = carla.WorldSettings(synchronous_mode=True, fixed_delta_seconds=0.1)  # the user ticks at 10 Hz
+    backend = CarlaBackend(carla_env_config(), client=fake_client)
+    assert world.settings.fixed_delta_seconds == pytest.approx(FIXED_DELTA_SECONDS)
+    backend.close()
+    assert world.settings.synchronous_mode and world.settings.fixed_delta_seconds == pytest.approx(0.1)
+    assert world.traffic_managers[8123].synchronous  # as the world it serves

@@ -3,10 +3,12 @@ servers dropped, at start and mid-run. Only the server side is a test double (`F
 `DyingCarlaServers` whose worlds are the fixture world of tests/test_carla_backend.py); parsing, slicing, the
 connection check (`carla_backend.connect`), the CARLA backend, the collector and the datamodule are the real code."""
 
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from pytorch_lightning.profilers import PassThroughProfiler
 
 from datamodules.replay import ReplayDataModule
 from lightning_td3.collector import Collector
@@ -15,7 +17,7 @@ from lightning_td3.envs.carla_backend import CarlaConnectionError
 from lightning_td3.envs.carla_servers import answering_servers, process_servers, training_env_configs
 from lightning_td3.envs.config import CarlaServer
 from lightning_td3.errors import CheckpointError, ConfigError
-from tests.faults import DyingCarlaServers
+from tests.faults import DyingCarlaServers, driving_env_on_doubles
 from tests.test_collector import RecordingModule
 
 SERVERS = ["sim-a:2000", "sim-a:2002", "sim-b:2000:9100", "sim-c:2000"]
@@ -172,12 +174,12 @@ def carla_data(servers=TWO_SERVERS, root=None) -> ReplayDataModule:
     return data
 
 
-def collecting(data: ReplayDataModule) -> tuple[Collector, SimpleNamespace, RecordingModule]:
-    collector = Collector(learning_starts=10**6, async_envs=False, max_env_failures=3)
+def collecting(data: ReplayDataModule, async_envs: bool = False) -> tuple[Collector, SimpleNamespace, RecordingModule]:
+    collector = Collector(learning_starts=10**6, async_envs=async_envs, max_env_failures=3)
     collector.envs = collector._make_envs(data)
     collector._rng = np.random.default_rng(0)
     collector._obs, _ = collector.envs.reset(seed=3)
-    return collector, SimpleNamespace(datamodule=data, global_rank=0), RecordingModule()
+    return collector, SimpleNamespace(datamodule=data, global_rank=0, profiler=PassThroughProfiler()), RecordingModule()
 
 
 def test_a_server_dying_mid_run_is_dropped_with_a_warning_and_collection_goes_on_with_the_rest(dying_servers):
@@ -243,3 +245,22 @@ def test_the_replay_file_records_each_rings_server_and_a_resume_keeps_that_mappi
                                               r"gives it "
                                               r"\['sim-b:2000', 'sim-a:2000'\]"):
         reordered.load_state_dict(record)
+
+
+def test_a_checkpoint_keeps_every_asynchronous_carla_worker_alive(dying_servers, monkeypatch):
+    # The envs step in worker processes, each building its env against the server doubles.
+    monkeypatch.setattr("lightning_td3.collector.DrivingEnv", partial(driving_env_on_doubles, TWO_SERVERS))
+    data = carla_data()
+    collector, trainer, module = collecting(data, async_envs=True)
+    try:
+        collector._collect(trainer, module)
+        with pytest.warns(UserWarning, match="env state is not saved .*restarts its training episodes"):
+            saved = collector.state_dict()
+        assert saved["per_process"][0]["env_states"] is None
+        for _ in range(3):
+            collector._collect(trainer, module)
+        # Both workers lived on: no failure, no rebuild, every vector step took both envs.
+        assert collector.env_failures == 0 and collector.envs.num_envs == 2
+        assert module.env_steps == 2 * 4 and len(data.buffer) == 2 * 4
+    finally:
+        collector._close_envs()

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from pytorch_lightning.profilers import PassThroughProfiler
 
 from lightning_td3.collector import Collector, make_vector_env
 from lightning_td3.envs import EnvConfig
@@ -51,7 +52,8 @@ def test_final_observations_go_to_the_buffer_and_episodes_are_counted():
     config = EnvConfig(scenario=0, route_length_m=150.0, max_steps=6, num_waypoints=5)
     collector = Collector(learning_starts=10**6, async_envs=False)
     buffer = RecordingBuffer(400, num_envs=2, vector_size=config.vector_size)
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(buffer=buffer, live_envs=[0, 1]), global_rank=0)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(buffer=buffer, live_envs=[0, 1]), global_rank=0,
+                              profiler=PassThroughProfiler())
     module = RecordingModule()
     collector.envs = make_vector_env([config] * 2, asynchronous=False)
     collector._rng = np.random.default_rng(0)
@@ -111,7 +113,7 @@ def test_bad_collector_settings_are_rejected_naming_the_field(field, value):
 def collector_on(config, num_envs: int, buffer, module, **settings):
     collector = Collector(learning_starts=10**6, async_envs=False, **settings)
     data = SimpleNamespace(buffer=buffer, env=config, env_configs=[config] * num_envs, live_envs=list(range(num_envs)))
-    trainer = SimpleNamespace(datamodule=data, global_rank=0)
+    trainer = SimpleNamespace(datamodule=data, global_rank=0, profiler=PassThroughProfiler())
     collector.envs = make_vector_env(data.env_configs, asynchronous=False)
     collector._rng = np.random.default_rng(0)
     collector._obs, _ = collector.envs.reset(seed=3)

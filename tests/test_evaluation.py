@@ -15,6 +15,7 @@ from lightning_td3.evaluation import (
     evaluate,
     run_episode,
 )
+from tests.test_highway_backend import EMPTY_ROAD, drive_along_lane
 
 METRIC_KEYS = {
     "eval/success_rate",
@@ -23,13 +24,15 @@ METRIC_KEYS = {
     "eval/episode_return",
     "eval/episode_length",
     "eval/route_completion",
+    "eval/infraction_penalty",
+    "eval/driving_score",
     "eval/episodes",
 }
 
 
 def _result(success: bool, collision: bool, speed: float, ret: float, length: int, completion: float) -> EpisodeResult:
     reason = "goal" if success else ("collision" if collision else "time_out")
-    return EpisodeResult(success, collision, speed, ret, length, completion, reason)
+    return EpisodeResult(success, collision, speed, ret, length, completion, reason, "vehicle" if collision else None, 0.0)
 
 
 GOAL = _result(True, False, 90.0, 100.0, 60, 1.0)
@@ -53,6 +56,8 @@ def test_metrics_are_means_over_episodes():
     assert values["eval/episode_return"] == pytest.approx(70 / 3)
     assert values["eval/episode_length"] == pytest.approx(380 / 3)
     assert values["eval/route_completion"] == pytest.approx(1.9 / 3)
+    assert values["eval/infraction_penalty"] == pytest.approx((1 + 0.6 + 1) / 3)
+    assert values["eval/driving_score"] == pytest.approx((1.0 + 0.3 * 0.6 + 0.6) / 3)
     assert values["eval/episodes"] == 3
 
 
@@ -96,40 +101,53 @@ def test_result_from_final_info():
         "episode_return": 12.5,
         "episode_length": 42,
         "avg_speed_kmh": 77.0,
+        "collision_with": None,
+        "route_outside_lanes": 0.0,
     }
-    assert EpisodeResult.from_info(info) == EpisodeResult(True, False, 77.0, 12.5, 42, 1.0, "goal")
+    assert EpisodeResult.from_info(info) == EpisodeResult(True, False, 77.0, 12.5, 42, 1.0, "goal", None, 0.0)
 
 
-# ---------------------------------------------------------------------------- on the real highway env
-
-SHORT_ROUTE = dict(route_length_m=200.0, max_steps=150)
+# ------------------------------------------------------------------- the CARLA Leaderboard's driving score
 
 
-def test_run_episode_is_reproducible_per_seed_and_ends_with_a_reason():
-    env = DrivingEnv(EnvConfig(**SHORT_ROUTE))
-    try:
-        first = run_episode(env, RandomPolicy(), seed=3)
-        again = run_episode(env, RandomPolicy(), seed=3)
-    finally:
-        env.close()
-    assert first == again
-    assert first.reason in ("collision", "off_road", "goal", "time_out")
-    assert first.episode_length >= 1
-    assert 0.0 <= first.route_completion <= 1.0
+@pytest.mark.parametrize(("hit", "coefficient"), [("pedestrian", 0.50), ("vehicle", 0.60), ("static", 0.65),
+                                                  ("other", 1.0), (None, 1.0)])
+def test_a_collision_costs_the_leaderboards_coefficient_of_what_was_hit(hit, coefficient):
+    # leaderboard/utils/statistics_manager.py, PENALTY_VALUE_DICT; "other" is what its collision criterion ignores.
+    result = EpisodeResult(False, hit is not None, 30.0, -5.0, 40, 0.4, "collision" if hit else "time_out", hit, 0.0)
+    assert result.infraction_penalty == pytest.approx(coefficient)
+    assert result.driving_score == pytest.approx(0.4 * coefficient)
 
 
-def test_evaluate_returns_float_metrics_for_episode_specs():
-    specs = [EpisodeSpec(EnvConfig(**SHORT_ROUTE), seed) for seed in (0, 1)]
-    values = evaluate(RandomPolicy(), specs[0].env_config, [spec.seed for spec in specs])
-    assert set(values) == METRIC_KEYS
-    assert all(isinstance(value, float) and math.isfinite(value) for value in values.values())
-    assert 0.0 <= values["eval/success_rate"] <= 1.0
-    assert values["eval/episode_length"] >= 1.0
+def test_driving_off_the_road_costs_the_share_of_the_driven_route_it_covers():
+    # PENALTY_PERC_DICT[OUTSIDE_ROUTE_LANES_INFRACTION] = [0, 'increases']: the penalty is times 1 - percentage / 100.
+    result = EpisodeResult(False, False, 30.0, -5.0, 40, 0.5, "off_road", None, 0.04)
+    assert result.infraction_penalty == pytest.approx(0.96)
+    assert result.driving_score == pytest.approx(0.5 * 0.96)
 
 
-def test_empty_metrics_report_nan_not_a_made_up_number():
-    with pytest.warns(UserWarning):  # torchmetrics warns that compute ran before any update
-        values = EvaluationMetrics().compute()
-    assert values.pop("eval/episodes") == 0
-    assert all(torch.isnan(value) for value in values.values())
-    assert np.isnan(values["eval/success_rate"].item())
+def test_a_reached_goal_counts_as_a_complete_route():
+    # RouteCompletionTest sets 100 % at the target, though the goal radius leaves a few metres undriven.
+    assert _result(True, False, 90.0, 100.0, 60, 0.994).driving_score == 1.0
+
+
+def test_a_highway_crash_ends_with_what_the_score_needs_in_its_final_info():
+    env = DrivingEnv(EnvConfig(scenario=2, traffic_density=3.0, route_length_m=200.0, max_steps=100))
+    info = drive_along_lane(env, target_mps=40.0)  # flat out into dense traffic
+    result = EpisodeResult.from_info(info)
+    assert info["reason"] == "collision" and info["collision_with"] == "vehicle"
+    assert result.infraction_penalty == pytest.approx(0.6)
+    assert result.driving_score == pytest.approx(0.6 * info["route_completion"]) and result.driving_score > 0
+
+
+def test_leaving_the_highway_charges_the_route_driven_off_it():
+    env = DrivingEnv(EnvConfig(**EMPTY_ROAD))
+    env.reset(seed=0)
+    for _ in range(30):
+        *_, terminated, _, info = env.step([1.0, 0.0])
+        if terminated:
+            break
+    result = EpisodeResult.from_info(info)
+    assert info["reason"] == "off_road" and info["collision_with"] is None
+    assert 0.0 < info["route_outside_lanes"] < 1.0  # the progress of the step that left the road
+    assert result.infraction_penalty == pytest.approx(1.0 - info["route_outside_lanes"])

@@ -327,3 +327,4 @@ def test_the_shipped_agent_drives_its_task_as_measured(name):
 def test_the_shipped_agents_that_reached_their_target_drive_its_first_held_out_episodes(name):
     metrics = drives(name, episodes=4)  # the default suite's share of the slow check above
     assert metrics["eval/success_rate"] == 1.0 and metrics["eval/collision_rate"] == 0.0
+    assert metrics["eval/driving_score"] == 1.0 and metrics["eval/infraction_penalty"] == 1.0

@@ -169,7 +169,8 @@ def test_image_shift_feeds_the_update_shifted_obs_and_next_obs_stacks():
 
     def record(name):
         def hook(_, args):
-            seen.setdefault(name, args[0].clone())  # the first call: the critic loss's (the actor's comes later)
+            # The update hands its networks `Frames`; the first call is the critic loss's (the actor's comes later).
+            seen.setdefault(name, args[0].image.clone())
         return hook
 
     module.critic.register_forward_pre_hook(record("image"))
@@ -261,10 +262,12 @@ def test_q_values_line_up_with_rewards_so_the_loss_is_per_sample():
 
 def test_speed_options_keep_the_checkpoint_layout_and_the_math():
     torch.manual_seed(0)
-    eager = TD3(vector_size=VECTOR, hidden_sizes=(32,))
-    fast = TD3(vector_size=VECTOR, hidden_sizes=(32,), channels_last=True, compile=True)
+    eager = TD3(vector_size=VECTOR, hidden_sizes=(32,), speedups=False)
+    eager.use_learner_settings(torch.device("cpu"))
+    fast = TD3(vector_size=VECTOR, hidden_sizes=(32,), speedups=False, channels_last=True, compile=True)
     assert fast.state_dict().keys() == eager.state_dict().keys()
     fast.load_state_dict(eager.state_dict())
+    fast.use_learner_settings(torch.device("cpu"))
     assert fast.critic.cnn.convs[0].weight.is_contiguous(memory_format=torch.channels_last)
     batch = fixed_batch()
     gradients = []
@@ -417,11 +420,14 @@ def reference_td3_updates(module: TD3, batches: list[dict]) -> list[torch.optim.
 
 
 @pytest.mark.parametrize("n_step", [1, 3])
-def test_the_sync_free_update_matches_the_host_branching_update_bit_for_bit(n_step):
+@pytest.mark.parametrize("speedups", [True, False], ids=["speedups", "float32"])
+def test_the_sync_free_update_matches_the_host_branching_update_bit_for_bit(n_step, speedups):
     torch.manual_seed(0)
-    module = TD3(vector_size=VECTOR, hidden_sizes=(32,), layer_norm=True, max_grad_norm=0.5)  # clipping at work
-    reference = TD3(vector_size=VECTOR, hidden_sizes=(32,), layer_norm=True, max_grad_norm=0.5)
+    settings = dict(vector_size=VECTOR, hidden_sizes=(32,), layer_norm=True, max_grad_norm=0.5)  # clipping at work
+    module = TD3(**settings, speedups=speedups)
+    reference = TD3(**settings, speedups=speedups)
     reference.load_state_dict(module.state_dict())
+    reference.use_learner_settings(torch.device("cpu"))  # the CNNs' precision and layout the fit will choose
     # updates 0 to 4: three actor + Polyak updates
     batches = [fixed_batch(seed=seed, n_step=n_step) for seed in range(5)]
 

@@ -3,7 +3,7 @@
 One env step is one synchronous tick of `FIXED_DELTA_SECONDS`. Per episode (`reset`) the backend spawns the
 ego (role "hero") at a seeded spawn point, plans a route of about `route_length_m` along the lanes from there,
 attaches an 84x84 RGB camera, a collision sensor and a lane-invasion sensor, and spawns the scenario's NPC
-vehicles on Traffic Manager autopilot. `close` destroys all of it and gives the world back asynchronous.
+vehicles on Traffic Manager autopilot. `close` destroys all of it and gives the world's settings back as found.
 
 Measurements (see `lightning_td3.envs.carla_road` for the geometry and the left-handed world):
 - progress: the ego's arc length projected on the route polyline;
@@ -11,10 +11,10 @@ Measurements (see `lightning_td3.envs.carla_road` for the geometry and the left-
   connecting lanes overlap and the nearest one may turn elsewhere, against the route instead;
 - off_drivable: the ego's centre is in no driving lane (shoulder, sidewalk, off the road), or since the reset
   it crossed a marking that must not be crossed (`ROAD_EDGE_MARKINGS`: solid lines, curbs, grass edges);
-- collision: the collision sensor fired since the reset.
+- collision: what the collision sensor reported the ego hit since the warm-up (`collision_kind`).
 
-Sensor callbacks run on CARLA's client thread; the backend waits for the camera image of each tick, by which
-time the collision and lane-invasion events of that tick have normally arrived too.
+Sensor callbacks run on CARLA's client thread; the backend waits for the camera image of each tick and counts
+collision and lane-invasion events by the frame they happened in (`EgoSensors`).
 
 A running server's world cannot be snapshotted, so `get_state`/`set_state` raise `NotImplementedError`.
 """
@@ -22,7 +22,6 @@ A running server's world cannot be snapshotted, so `get_state`/`set_state` raise
 from __future__ import annotations
 
 import math
-import queue
 import threading
 import time
 from pathlib import Path
@@ -159,6 +158,8 @@ def vehicle_limits(physics: carla.VehiclePhysicsControl) -> VehicleLimits:
         return np.mean([[w.position.x, w.position.y, w.position.z] for w in wheels], axis=0)
 
     wheelbase_cm = float(np.linalg.norm(axle_centre(front) - axle_centre(rear)))
+    if wheelbase_cm <= 0.0:
+        raise RuntimeError("the ego's physics control puts its front and rear wheels at one place: no wheelbase")
     return VehicleLimits(
         max_steer_rad=math.radians(max(w.max_steer_angle for w in front)),
         max_accel_mps2=MAX_ACCEL_MPS2,
@@ -171,14 +172,39 @@ def crosses_road_edge(event: carla.LaneInvasionEvent) -> bool:
     return any(marking.type in ROAD_EDGE_MARKINGS for marking in event.crossed_lane_markings)
 
 
+def collision_kind(other_type_id: str) -> str:
+    """What the ego hit, from the other actor's blueprint id, as the CARLA Leaderboard's collision criterion
+    classifies it (scenario_runner's `CollisionTest._count_collisions`): "static" (static props and traffic signs,
+    not sidewalks), "vehicle", "pedestrian" (walkers); the leaderboard counts nothing else, which is "other" here."""
+    if ("static" in other_type_id or "traffic" in other_type_id) and "sidewalk" not in other_type_id:
+        return "static"
+    if "vehicle" in other_type_id:
+        return "vehicle"
+    if "walker" in other_type_id:
+        return "pedestrian"
+    return "other"
+
+
 class EgoSensors:
-    """Camera, collision and lane-invasion sensors on the ego, and what they reported since the last clear."""
+    """Camera, collision and lane-invasion sensors on the ego, and what they reported for the frames counted.
+
+    Sensor data arrive on CARLA's client thread, after the tick that made them (adv_synchrony_timestep.md, "Using
+    synchronous mode"); the camera sends an image every tick, collision and lane-invasion sensors only on an event,
+    each event stamped with the frame it happened in. So the backend waits for the camera image of each tick, but a
+    tick's events may arrive later still: they are counted by their frame, not by when they arrive. An event of a
+    frame before `count_from` (the warm-up: landing after the spawn is not the agent's doing) is never counted, even
+    if it arrives later; one of a counted frame that arrives after that frame's measurement is counted at the next.
+    """
 
     def __init__(self) -> None:
-        self.collided = False
-        self.crossed_road_edge = False
         self.actors: list[carla.Actor] = []
-        self._images: queue.Queue = queue.Queue()
+        self._arrived = threading.Condition()  # guards what the callbacks write
+        # Only the newest image is kept: the backend wants the image of the frame it ticked, and ticks of another
+        # client (which CARLA's synchronous mode allows, adv_synchrony_timestep.md) must not pile images up.
+        self._image: carla.Image | None = None
+        self._collisions: list[tuple[int, str]] = []  # (frame, collision_kind)
+        self._road_edge_frames: list[int] = []
+        self._first_counted_frame = 0
 
     def attach(self, world: carla.World, ego: carla.Actor, image_size: int, fov_deg: float) -> None:
         library = world.get_blueprint_library()
@@ -189,7 +215,7 @@ class EgoSensors:
         camera = self._attach(world, camera_blueprint, CAMERA_MOUNT, ego)
         collision = self._attach(world, library.find("sensor.other.collision"), carla.Transform(), ego)
         lane_invasion = self._attach(world, library.find("sensor.other.lane_invasion"), carla.Transform(), ego)
-        camera.listen(self._images.put)
+        camera.listen(self._on_image)
         collision.listen(self._on_collision)
         lane_invasion.listen(self._on_lane_invasion)
 
@@ -198,27 +224,42 @@ class EgoSensors:
         self.actors.append(sensor)  # tracked at once, so a failure further on still destroys it
         return sensor
 
+    def _on_image(self, image: carla.Image) -> None:
+        with self._arrived:
+            if self._image is None or image.frame > self._image.frame:
+                self._image = image
+                self._arrived.notify_all()
+
     def _on_collision(self, event: carla.CollisionEvent) -> None:
-        self.collided = True
+        with self._arrived:
+            self._collisions.append((event.frame, collision_kind(event.other_actor.type_id)))
 
     def _on_lane_invasion(self, event: carla.LaneInvasionEvent) -> None:
         if crosses_road_edge(event):
-            self.crossed_road_edge = True
+            with self._arrived:
+                self._road_edge_frames.append(event.frame)
 
-    def clear_events(self) -> None:
-        self.collided = False
-        self.crossed_road_edge = False
+    def count_from(self, frame: int) -> None:
+        """Count only events of `frame` and later."""
+        with self._arrived:
+            self._first_counted_frame = frame
+
+    def collision(self) -> str | None:
+        """What the ego first hit in the counted frames (`collision_kind`), or None."""
+        with self._arrived:
+            counted = [kind for frame, kind in self._collisions if frame >= self._first_counted_frame]
+        return counted[0] if counted else None
+
+    def crossed_road_edge(self) -> bool:
+        with self._arrived:
+            return any(frame >= self._first_counted_frame for frame in self._road_edge_frames)
 
     def image_for(self, frame: int, timeout_s: float) -> carla.Image:
-        """The camera image of simulation frame `frame` (older ones are dropped)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                image = self._images.get(timeout=max(deadline - time.monotonic(), 0.0))
-            except queue.Empty:
-                raise RuntimeError(f"the CARLA camera sent no image for frame {frame} within {timeout_s:g} s") from None
-            if image.frame >= frame:
-                return image
+        """The camera image of simulation frame `frame` (or a newer one)."""
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: self._image is not None and self._image.frame >= frame, timeout_s):
+                raise RuntimeError(f"the CARLA camera sent no image for frame {frame} within {timeout_s:g} s")
+            return self._image
 
     def stop(self) -> None:
         for sensor in self.actors:
@@ -233,7 +274,7 @@ class CarlaBackend:
         self.dt = FIXED_DELTA_SECONDS
         self._timeout_s = config.carla.timeout_s
         self._closed = False
-        self._original_settings: carla.WorldSettings | None = None
+        self._found_settings: carla.WorldSettings | None = None  # what `close` gives back, if this backend changed it
         self._traffic_manager: carla.TrafficManager | None = None
         self._sensors: EgoSensors | None = None
         self._ego: carla.Actor | None = None
@@ -272,12 +313,21 @@ class CarlaBackend:
             self._client.set_timeout(self._timeout_s)
 
     def _make_synchronous(self) -> None:
-        self._original_settings = self._world.get_settings()
-        settings = self._world.get_settings()
-        settings.synchronous_mode = True
-        settings.fixed_delta_seconds = FIXED_DELTA_SECONDS
-        self._world.apply_settings(settings)
+        """Synchronous at FIXED_DELTA_SECONDS, and the Traffic Manager with it (adv_synchrony_timestep.md: a TM must
+        be synchronous when the world is).
+
+        Only a backend that changes the settings gives them back (`close`): one that finds them already so (another
+        env of this run made them so, or the user) leaves that to whoever did. So the server is handed back as it
+        was found whichever of a run's backends closes last.
+        """
+        found = self._world.get_settings()
         self._traffic_manager = self._client.get_trafficmanager(self.config.carla.tm_port)
+        if not (found.synchronous_mode and math.isclose(found.fixed_delta_seconds or 0.0, FIXED_DELTA_SECONDS)):
+            self._found_settings = found
+            settings = self._world.get_settings()
+            settings.synchronous_mode = True
+            settings.fixed_delta_seconds = FIXED_DELTA_SECONDS
+            self._world.apply_settings(settings)
         self._traffic_manager.set_synchronous_mode(True)
 
     # -------------------------------------------------------------------------------------------- episode
@@ -300,6 +350,10 @@ class CarlaBackend:
         self._spawn_traffic(free_points, rng)
         self._progress_m = 0.0
         self._warm_up()
+        if self._limits is None:
+            # After the warm-up ticks: the wheel positions are world positions of the simulated car
+            # (python_api.md, carla.WheelPhysicsControl.position), which a car not yet simulated lacks.
+            self._limits = vehicle_limits(self._ego.get_physics_control())
 
     def _spawn_ego_with_route(self, spawn_points: list[carla.Transform], rng: np.random.Generator) -> list:
         """Spawn the ego at the first of `spawn_points` that is free and starts a long enough route; returns
@@ -315,8 +369,6 @@ class CarlaBackend:
             if ego is None:
                 continue
             self._ego, self._route = ego, route
-            if self._limits is None:
-                self._limits = vehicle_limits(ego.get_physics_control())
             return [p for p in spawn_points[index + 1 :] if p.location.distance(spawn_point.location) > EGO_CLEARANCE_M]
         raise RuntimeError(
             f"no free spawn point in {self.config.carla.town} starts a route of "
@@ -354,13 +406,14 @@ class CarlaBackend:
         standing = carla.VehicleControl(brake=1.0)
         for _ in range(WARMUP_TICKS):
             self._ego.apply_control(standing)
-            self._tick()
-        self._sensors.clear_events()  # landing after the spawn is not the agent's doing
+            frame = self._tick()
+        self._sensors.count_from(frame + 1)  # landing after the spawn is not the agent's doing
 
-    def _tick(self) -> None:
+    def _tick(self) -> int:
         frame = self._world.tick(self._timeout_s)
         image = self._sensors.image_for(frame, self._timeout_s)
         self._rgb = bgra_to_rgb(image.raw_data, image.height, image.width)
+        return frame
 
     def step(self, steer: float, throttle_brake: float) -> None:
         self._ego.apply_control(vehicle_control(steer, throttle_brake))
@@ -388,8 +441,8 @@ class CarlaBackend:
             lateral_offset_m=lateral_offset,
             heading_error_rad=heading_error,
             waypoints_ego=to_ego_frame(ahead, ego),
-            collision=self._sensors.collided,
-            off_drivable=self._sensors.crossed_road_edge or not is_on_driving_lane(self._map, transform.location),
+            collision=self._sensors.collision(),
+            off_drivable=self._sensors.crossed_road_edge() or not is_on_driving_lane(self._map, transform.location),
         )
 
     def _lane_reference(self, location: carla.Location, on_route: Projection) -> Pose:
@@ -443,6 +496,8 @@ class CarlaBackend:
 
     # -------------------------------------------------------------------------------------- state, close
 
+    can_snapshot = False
+
     def get_state(self) -> bytes:
         raise NotImplementedError(
             "CarlaBackend cannot snapshot a CARLA server's world; a resumed run restarts its episodes instead"
@@ -467,12 +522,12 @@ class CarlaBackend:
         self._sensors, self._ego, self._npcs = None, None, []
 
     def close(self) -> None:
-        """Destroy every actor this backend spawned and give the world back as it was. Idempotent."""
+        """Destroy every actor this backend spawned and give back the settings it changed. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self._destroy_episode_actors()
-        if self._traffic_manager is not None:
-            self._traffic_manager.set_synchronous_mode(False)
-        if self._original_settings is not None:
-            self._world.apply_settings(self._original_settings)
+        if self._found_settings is not None:
+            self._world.apply_settings(self._found_settings)
+            # The TM's mode cannot be read (the API has no getter): it goes back with the world's.
+            self._traffic_manager.set_synchronous_mode(self._found_settings.synchronous_mode)

@@ -6,8 +6,8 @@ its envs after a failure, is left out with a warning naming it and the process g
 servers that do (its ring keeps what it holds); only a process left with none stops: with one error naming its
 servers at start, through the collective stop (`fault_tolerance.stop_together`) mid-run.
 
-The datamodule and the Collector ask here for any backend (`training_envs`, `ring_servers`, `live_envs`): without a
-server list every training env runs the one `data.env` and counts as live.
+The datamodule and the Collector ask here for any backend (`training_envs`, `ring_servers`, `live_envs`,
+`evaluation_shares_world`): without a server list every training env runs the one `data.env` and counts as live.
 """
 
 from __future__ import annotations
@@ -80,6 +80,13 @@ def training_env_configs(env: EnvConfig, num_envs: int, rank: int, world_size: i
         replace(env, carla=replace(env.carla, host=server.host, port=server.port, tm_port=server.tm_port, servers=()))
         for server in process_servers(env.carla, num_envs, rank, world_size)
     ]
+
+
+def evaluation_shares_world(env: EnvConfig) -> bool:
+    """Whether evaluation runs in the training envs' world. On CARLA it does: on this process's first live training
+    server (`datamodules.replay.ReplayDataModule`), where the training envs must make way for it (`Collector`);
+    highway envs each have their own world."""
+    return env.backend == "carla"
 
 
 def uses_server_list(env: EnvConfig) -> bool:

@@ -36,6 +36,9 @@ VECTOR_BOUND = 5.0
 
 # Why an episode ended; "time_out" is a truncation, the others are terminal.
 CRASHES = ("collision", "off_road")
+# What the ego can hit, as the CARLA Leaderboard's collision criterion tells them apart (`evaluation` charges each its
+# coefficient); "other" is what that criterion does not count.
+COLLISION_KINDS = ("vehicle", "pedestrian", "static", "other")
 TERMINAL_REASONS = (*CRASHES, "goal")
 
 
@@ -59,7 +62,7 @@ class Measurement:
     lateral_offset_m: float  # signed distance from the nearest lane centre, > 0 = left of it
     heading_error_rad: float  # lane heading minus ego heading in [-pi, pi], > 0 = lane bends left
     waypoints_ego: np.ndarray  # (num_waypoints, 2) next route waypoints strictly ahead, ego frame
-    collision: bool
+    collision: str | None  # what the ego hit since the reset, one of COLLISION_KINDS; None: nothing
     off_drivable: bool  # off the drivable area as the simulator sees it
 
 
@@ -84,6 +87,7 @@ class Scene:
 class Backend(Protocol):
     limits: VehicleLimits
     dt: float  # simulated seconds per env step
+    can_snapshot: bool  # whether get_state/set_state work (a CARLA server's world cannot be snapshotted)
     # The task the next reset builds: DrivingEnv sets it to each episode's (`EnvConfig.sample_task`) before `reset`.
     config: EnvConfig
 
@@ -133,6 +137,7 @@ class DrivingEnv(gym.Env):
         self._last_measurement: Measurement | None = None
         self._return = 0.0
         self._distance_m = 0.0
+        self._outside_lanes_m = 0.0  # route progress made outside the lanes (the leaderboard's lane infraction)
         # The episode's task, drawn at reset from the config's distributions (the config itself if it has none).
         self.task: EnvConfig | None = None
 
@@ -152,6 +157,7 @@ class DrivingEnv(gym.Env):
         self._last_action = np.zeros(2, np.float32)
         self._return = 0.0
         self._distance_m = 0.0
+        self._outside_lanes_m = 0.0
         measurement = self._last_measurement = self.backend.measure()
         return self._observation(measurement, self._leader()), self._info(measurement, None, None)
 
@@ -188,6 +194,8 @@ class DrivingEnv(gym.Env):
         self._last_measurement = measurement
         self._return += terms.total
         self._distance_m += measurement.speed_mps * self.backend.dt
+        if reason == "off_road":
+            self._outside_lanes_m += max(measurement.progress_m - previous.progress_m, 0.0)
         info = self._info(measurement, reason, terms)
         return self._observation(measurement, leader), terms.total, terminated, truncated, info
 
@@ -209,9 +217,16 @@ class DrivingEnv(gym.Env):
             "last_measurement": self._last_measurement,
             "return": self._return,
             "distance_m": self._distance_m,
+            "outside_lanes_m": self._outside_lanes_m,
             "np_random": self.np_random.bit_generator.state,
             "task": self.task,
         }
+
+    @property
+    def can_snapshot(self) -> bool:
+        """Whether `get_state` works: asked before it (through a vector env's `get_attr`), because an exception
+        inside an asynchronous vector env's worker ends that worker."""
+        return self.backend.can_snapshot
 
     @property
     def simulator_state(self) -> dict:
@@ -230,6 +245,7 @@ class DrivingEnv(gym.Env):
         self._last_measurement = state["last_measurement"]
         self._return = state["return"]
         self._distance_m = state["distance_m"]
+        self._outside_lanes_m = state.get("outside_lanes_m", 0.0)  # absent from states saved before it was kept
         self.np_random.bit_generator.state = state["np_random"]
         # States saved before tasks were drawn per episode come from configs of single values: their own task.
         self.task = self.backend.config = state.get("task", self.config)
@@ -271,9 +287,15 @@ class DrivingEnv(gym.Env):
         info: dict[str, Any] = {
             "reason": reason,
             "success": reason == "goal",
-            "collision": m.collision,
+            "collision": bool(m.collision),
+            # A COLLISION_KINDS entry, or None (also for a measurement restored from a snapshot that kept a bool).
+            "collision_with": m.collision or None,
             "speed_kmh": m.speed_mps * 3.6,
             "route_completion": float(np.clip(m.progress_m / m.route_length_m, 0.0, 1.0)),
+            # The share of the route driven so far that was driven off the road, as the CARLA Leaderboard's
+            # OutsideRouteLanesTest measures it; an episode ends on the step the ego leaves the road, so it is at
+            # most that step's progress.
+            "route_outside_lanes": self._outside_lanes_m / m.progress_m if m.progress_m > 0 else 0.0,
             "episode_return": self._return,
             "episode_length": self._steps,
             "avg_speed_kmh": 3.6 * self._distance_m / (self._steps * self.backend.dt) if self._steps else 0.0,

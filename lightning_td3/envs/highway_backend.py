@@ -311,7 +311,7 @@ class HighwayBackend:
             # Headings grow clockwise (to the right) in highway-env; the contract's grow counter-clockwise.
             heading_error_rad=_wrap_to_pi(ego.heading - ego.lane.heading_at(longitudinal)),
             waypoints_ego=self._waypoints(lane, track.lane_starts[lane, segment] + longitudinal),
-            collision=bool(ego.crashed),
+            collision="vehicle" if ego.crashed else None,  # the road holds no static objects
             off_drivable=not ego.lane.on_lane(ego.position, longitudinal, lateral),
         )
 
@@ -349,6 +349,8 @@ class HighwayBackend:
         distance = abs(arcs[positions.vehicles.index(vehicle)] - arcs[me])
         gap = distance - (self._ego.LENGTH + vehicle.LENGTH) / 2
         return Neighbour(gap_m=max(float(gap), 0.0), speed_mps=float(vehicle.speed))
+
+    can_snapshot = True
 
     def get_state(self) -> bytes:
         # One pickle keeps the sharing intact: the ego is also in road.vehicles, the track's network is the road's.
