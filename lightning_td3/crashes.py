@@ -35,7 +35,7 @@ from lightning_td3.errors import UserError
 from lightning_td3.evaluation import Policy, run_episode
 from lightning_td3.replay import ReplayBuffer
 from lightning_td3.replay_file import read_shard, shard_config
-from lightning_td3.run_config import env_config_of
+from lightning_td3.run_config import trained_agent
 
 BEFORE_S = 1.0  # how long before the collision the scene is read: the car ahead is still apart from the ego then
 LANE_CHANGES_S = 4.0
@@ -163,8 +163,6 @@ def _discounted_returns(rewards: list[float], gamma: float) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lightning_td3.td3 import TD3
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True, action="append",
         help="the run's config (its data.env is used); repeat it to layer configs as cli.py does")
@@ -177,13 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     try:
-        agent = TD3.load_from_checkpoint(args.ckpt, map_location="cpu")
-        agent.eval()
+        agent, env_config = trained_agent(args.ckpt, args.config)
         if (args.critic or args.replay) and agent.actor_only:
             raise UserError(f"{args.ckpt} is an exported actor, without the critics that --critic and --replay "
                             "read: give the training checkpoint it was exported from")
-        env_config = env_config_of(*args.config)
-        agent.require_env(env_config)
         # A crash's transition carries the crash charge; every other step's penalties sum to a few points at most.
         crash_reward = -env_config.reward.crash_penalty * env_config.reward.safety / 2
         replayed = None

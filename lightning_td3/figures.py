@@ -25,7 +25,7 @@ from lightning_td3.baselines import IdmMobilPolicy, RandomPolicy
 from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.errors import UserError
 from lightning_td3.evaluation import evaluate, run_episode
-from lightning_td3.run_config import data_section, env_config_in, env_config_of
+from lightning_td3.run_config import data_section, env_config_in, trained_agent
 
 CURVE_METRICS = {"eval/success_rate": "success rate", "eval/episode_return": "episode return"}
 BASELINES = {"Random": RandomPolicy, "IDM+MOBIL": IdmMobilPolicy}
@@ -149,20 +149,7 @@ def record_episode(config_paths: Sequence[Path], checkpoint: Path, seed: int, ou
     records it was trained on."""
     from PIL import Image
 
-    from lightning_td3.td3 import TD3
-
-    agent = TD3.load_from_checkpoint(checkpoint, map_location="cpu")
-    agent.eval()
-    if config_paths:
-        env_config = env_config_of(*config_paths)
-    elif agent.trained_env is not None:
-        env_config = EnvConfig(**agent.trained_env)
-    else:
-        raise UserError(
-            f"{checkpoint} does not record the env it was trained on (it was written before that was kept); "
-            "give its run's config with --config"
-        )
-    agent.require_env(env_config)
+    agent, env_config = trained_agent(checkpoint, config_paths)
     env = DrivingEnv(env_config, render_mode="rgb_array")
     frames = []
     try:

@@ -35,8 +35,16 @@ def load_replay(checkpoint: dict) -> tuple[dict, dict]:
     return buffer.state_dict(), extra
 
 
-# With a learning-rate decay too: a resumed run must take it up at its update count, not start it over.
-@pytest.mark.parametrize("settings", [(), ("--model.init_args.lr_decay_updates", "9")], ids=["constant_lr", "lr_decay"])
+# With a learning-rate decay too: a resumed run must take it up at its update count, not start it over. With tasks
+# drawn per episode too: the resumed envs must draw the tasks the uninterrupted ones drew.
+TASK_DISTRIBUTIONS = ("--data.env.scenario", "[0, 2]", "--data.env.lanes", "{low: 2, high: 4}",
+                      "--data.env.route_length_m", "{low: 100, high: 140}", "--data.env.max_steps", "{per_km: 80}")
+
+
+@pytest.mark.parametrize(
+    "settings", [(), ("--model.init_args.lr_decay_updates", "9"), TASK_DISTRIBUTIONS],
+    ids=["constant_lr", "lr_decay", "task_distributions"],
+)
 def test_resumed_run_equals_uninterrupted_run(tmp_path, settings):
     fit(tmp_path / "straight_through", *settings, **{"trainer.max_epochs": 2})
     fit(tmp_path / "interrupted", *settings, **{"trainer.max_epochs": 1})

@@ -7,9 +7,13 @@ builds the config.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
+from lightning_td3.envs import tasks
+from lightning_td3.envs.tasks import Range, StepsPerKm, TaskSetting
 from lightning_td3.errors import require
 
 # Each backend by the name data.env.backend gives: (module, class), imported when an env of it is built
@@ -22,6 +26,25 @@ LAYOUTS = ("straight", "curvy")
 SCENARIOS = {0: "light", 1: "medium", 2: "dense"}
 IMAGE_SIZE = 84
 FRAME_STACK = 4
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The settings that make up a task, in the order an episode draws those that vary (`EnvConfig.sample_task`).
+TASK_SETTINGS = (
+    TaskSetting(
+        "scenario", "one of 0, 1, 2 (light, medium, dense traffic)",
+        lambda value: isinstance(value, int) and value in SCENARIOS, integer=True,
+    ),
+    TaskSetting("traffic_density", "a number >= 0", lambda value: _is_number(value) and value >= 0),
+    TaskSetting("layout", f"one of {LAYOUTS}", lambda value: isinstance(value, str) and value in LAYOUTS, ranged=False),
+    TaskSetting(
+        "lanes", "an integer in 1..6", lambda value: isinstance(value, int) and 1 <= value <= 6, integer=True
+    ),
+    TaskSetting("route_length_m", ">= 100 metres", lambda value: _is_number(value) and value >= 100),
+)
 # Where every highway frame put the ego before env.frame_ego_position existed: what a camera record without it means.
 UNRECORDED_FRAME_EGO_POSITION = 0.3
 
@@ -155,13 +178,17 @@ class EnvConfig:
         traffic_density: multiplier on the scenario's traffic (1.0 = as the scenario says).
         layout: highway road shape, "straight" or "curvy" (S-bends from circular arcs).
         lanes: lanes on the highway road.
-        route_length_m: length of the route to the goal along the road (highway backend).
+        route_length_m: length of the route to the goal along the road.
+            These five make up the task: each also takes a list to draw from, or (but the layout) a range
+            {low, high}, and then every episode draws its own task from the env's seeded generator
+            (`lightning_td3.envs.tasks`).
         target_speed_mps: the speed the efficiency reward tracks.
         initial_speed_mps: ego speed at reset (highway backend; CARLA starts at rest).
         policy_frequency_hz: agent decisions per simulated second (highway backend; CARLA is fixed at 20 Hz).
         max_steer_rad: front-wheel angle at steer = ±1 (highway backend; CARLA uses the car's own limit). At highway
             speed 0.1 rad already turns on a 50 m radius; bends need about 0.03.
-        max_steps: steps before time-out (truncation).
+        max_steps: steps before time-out (truncation), or {per_km: N}: N steps per km of each episode's route,
+            rounded up ({per_km: 500}: 150 steps on 300 m, 1000 on 2 km), which a varying route needs.
         num_waypoints: route waypoints in the vector observation.
         waypoint_spacing_m: distance between those waypoints along the lane.
         off_road_distance_m: farther than this from the nearest lane centre counts as off-road.
@@ -178,16 +205,16 @@ class EnvConfig:
     """
 
     backend: str = "highway"
-    scenario: int = 1
-    traffic_density: float = 1.0
-    layout: str = "straight"
-    lanes: int = 3
-    route_length_m: float = 500.0
+    scenario: int | list[int] | Range = 1
+    traffic_density: float | list[float] | Range = 1.0
+    layout: str | list[str] = "straight"
+    lanes: int | list[int] | Range = 3
+    route_length_m: float | list[float] | Range = 500.0
     target_speed_mps: float = 25.0
     initial_speed_mps: float = 20.0
     policy_frequency_hz: float = 5.0
     max_steer_rad: float = 0.1
-    max_steps: int = 300
+    max_steps: int | StepsPerKm = 300
     num_waypoints: int = 25
     waypoint_spacing_m: float = 2.0
     off_road_distance_m: float = 2.5
@@ -205,25 +232,25 @@ class EnvConfig:
         if isinstance(self.carla, dict):
             self.carla = CarlaConfig(**self.carla)
         require(self.backend in BACKENDS, "data.env.backend", f"one of {tuple(BACKENDS)}", self.backend)
-        require(
-            isinstance(self.scenario, int) and self.scenario in SCENARIOS,
-            "data.env.scenario",
-            "one of 0, 1, 2 (light, medium, dense traffic)",
-            self.scenario,
-        )
-        require(self.traffic_density >= 0, "data.env.traffic_density", "a number >= 0", self.traffic_density)
-        require(self.layout in LAYOUTS, "data.env.layout", f"one of {LAYOUTS}", self.layout)
-        require(
-            isinstance(self.lanes, int) and 1 <= self.lanes <= 6, "data.env.lanes", "an integer in 1..6", self.lanes
-        )
-        require(self.route_length_m >= 100, "data.env.route_length_m", ">= 100 metres", self.route_length_m)
+        for setting in TASK_SETTINGS:
+            setattr(self, setting.name, tasks.parse(setting, getattr(self, setting.name)))
         require(self.target_speed_mps > 0, "data.env.target_speed_mps", "> 0", self.target_speed_mps)
         require(self.initial_speed_mps >= 0, "data.env.initial_speed_mps", ">= 0", self.initial_speed_mps)
         require(self.policy_frequency_hz > 0, "data.env.policy_frequency_hz", "> 0", self.policy_frequency_hz)
         require(0 < self.max_steer_rad <= 0.6, "data.env.max_steer_rad", "in (0, 0.6] radians", self.max_steer_rad)
+        if isinstance(self.max_steps, dict) and set(self.max_steps) == {"per_km"}:
+            self.max_steps = StepsPerKm(**self.max_steps)
+        per_route = isinstance(self.max_steps, StepsPerKm)
         require(
-            isinstance(self.max_steps, int) and self.max_steps > 0, "data.env.max_steps", "an integer > 0",
-            self.max_steps,
+            (isinstance(self.max_steps, int) and self.max_steps > 0)
+            or (per_route and _is_number(self.max_steps.per_km) and self.max_steps.per_km > 0),
+            "data.env.max_steps", "an integer > 0, or {per_km: N} for N > 0 steps per km of route",
+            {"per_km": self.max_steps.per_km} if per_route else self.max_steps,
+        )
+        require(
+            per_route or not tasks.is_distribution(self.route_length_m), "data.env.max_steps",
+            "{per_km: N} when data.env.route_length_m varies, so that each episode's time-out follows its route "
+            "({per_km: 500} gives 150 steps on 300 m)", self.max_steps,
         )
         require(
             isinstance(self.num_waypoints, int) and self.num_waypoints > 0,
@@ -265,6 +292,35 @@ class EnvConfig:
         if recorded.get("backend") == "highway":
             return {**recorded, "frame_ego_position": recorded.get("frame_ego_position", UNRECORDED_FRAME_EGO_POSITION)}
         return recorded
+
+    @property
+    def varying(self) -> tuple[str, ...]:
+        """The task settings given as a distribution (a list or a range): those each episode draws."""
+        return tuple(setting.name for setting in TASK_SETTINGS if tasks.is_distribution(getattr(self, setting.name)))
+
+    def sample_task(self, rng: np.random.Generator) -> EnvConfig:
+        """One episode's task: this config with every varying setting drawn from `rng` (in `TASK_SETTINGS` order) and
+        the time-out of its route. A config of single values and a time-out in steps is its own task and draws
+        nothing: its episodes are those it gave before tasks could vary."""
+        if not self.varying and isinstance(self.max_steps, int):
+            return self
+        drawn = {
+            setting.name: tasks.draw(setting, getattr(self, setting.name), rng)
+            for setting in TASK_SETTINGS
+            if setting.name in self.varying
+        }
+        return replace(self, **drawn, max_steps=self._max_steps_for(drawn.get("route_length_m", self.route_length_m)))
+
+    def _max_steps_for(self, route_length_m: float) -> int:
+        """The time-out of an episode on a route of this length."""
+        return self.max_steps.steps(route_length_m) if isinstance(self.max_steps, StepsPerKm) else self.max_steps
+
+    def task(self) -> dict:
+        """The task settings of a config that does not vary (an episode's task, `sample_task`), and the time-out they
+        give, as plain values: what `info["task"]` reports."""
+        return {setting.name: getattr(self, setting.name) for setting in TASK_SETTINGS} | {
+            "max_steps": self._max_steps_for(self.route_length_m)
+        }
 
     def settings(self) -> dict:
         """Every setting as plain values, as a run's `data.env` writes them: what a checkpoint keeps of its task, so

@@ -88,6 +88,8 @@ class Backend(Protocol):
     limits: VehicleLimits
     dt: float  # simulated seconds per env step
     can_snapshot: bool  # whether get_state/set_state work (a CARLA server's world cannot be snapshotted)
+    # The task the next reset builds: DrivingEnv sets it to each episode's (`EnvConfig.sample_task`) before `reset`.
+    config: EnvConfig
 
     def reset(self, seed: int) -> None: ...
     def step(self, steer: float, throttle_brake: float) -> None: ...
@@ -136,6 +138,8 @@ class DrivingEnv(gym.Env):
         self._return = 0.0
         self._distance_m = 0.0
         self._outside_lanes_m = 0.0  # route progress made outside the lanes (the leaderboard's lane infraction)
+        # The episode's task, drawn at reset from the config's distributions (the config itself if it has none).
+        self.task: EnvConfig | None = None
 
     @property
     def limits(self) -> VehicleLimits:
@@ -146,6 +150,7 @@ class DrivingEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
+        self.task = self.backend.config = self.config.sample_task(self.np_random)
         self.backend.reset(int(self.np_random.integers(2**31 - 1)))
         self._stack[:] = self.backend.frame()  # pad the stack with the first frame
         self._steps = 0
@@ -214,6 +219,7 @@ class DrivingEnv(gym.Env):
             "distance_m": self._distance_m,
             "outside_lanes_m": self._outside_lanes_m,
             "np_random": self.np_random.bit_generator.state,
+            "task": self.task,
         }
 
     @property
@@ -241,6 +247,8 @@ class DrivingEnv(gym.Env):
         self._distance_m = state["distance_m"]
         self._outside_lanes_m = state.get("outside_lanes_m", 0.0)  # absent from states saved before it was kept
         self.np_random.bit_generator.state = state["np_random"]
+        # States saved before tasks were drawn per episode come from configs of single values: their own task.
+        self.task = self.backend.config = state.get("task", self.config)
 
     def _leader(self) -> Neighbour | None:
         """The vehicle ahead in the ego's lane; the scene is read only when the reward or the observation uses it."""
@@ -255,7 +263,7 @@ class DrivingEnv(gym.Env):
             return "off_road"
         if m.route_length_m - m.progress_m <= self.config.goal_radius_m:
             return "goal"
-        if self._steps >= self.config.max_steps:
+        if self._steps >= self.task.max_steps:
             return "time_out"
         return None
 
@@ -294,4 +302,6 @@ class DrivingEnv(gym.Env):
         }
         if terms is not None:
             info["reward_terms"] = terms.as_dict()
+        if terms is None or reason is not None:  # the episode's first and last info: which task it is
+            info["task"] = self.task.task()
         return info
