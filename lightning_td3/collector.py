@@ -67,8 +67,9 @@ PROFILED = {"act": "collector.act", "step": "collector.env_step", "store": "coll
 class CollectingModule(Protocol):
     """What the Collector needs of the learner it feeds (`TD3`, which keeps these counters in its `RunProgress`).
 
-    The Collector advances this process's `env_steps` and `episodes`, hands every finished training episode to
-    `train_episode_metrics`, and reads the rest.
+    The Collector advances this process's `env_steps` and `episodes`, hands every finished training episode and its
+    task to `train_episode_metrics` (grouped by the training env's tasks, `EvaluationMetrics.by_task`), and reads
+    the rest.
     """
 
     env_steps: int  # this process's, counted when a vector step is taken: warm-up and the updates-per-step ratio
@@ -176,6 +177,7 @@ class Collector(pl.Callback):
             raise ConfigError("the Collector needs data: datamodules.replay.ReplayDataModule (it holds the replay)")
         self.envs = self._make_envs(data)
         self._fit = (trainer, module)
+        module.train_episode_metrics.by_task(data.env)  # per scenario and layout too, where they vary
         self._rng = stream_rng("exploration", trainer.global_rank)
         if self._restored is not None:
             self._resume(own_state(trainer, self._restored, "the training envs"), data.buffer, trainer.global_rank)
@@ -375,8 +377,10 @@ class Collector(pl.Callback):
     def _record_episodes(self, module: CollectingModule, final_info: dict, finished: np.ndarray) -> None:
         for index in finished:
             result = EpisodeResult.from_info({name: final_info[name][index] for name in EPISODE_INFO})
+            # A vector env hands the task, as every dict in an info, as one array per field (and a "_<field>" mask).
+            task = {name: values[index] for name, values in final_info["task"].items() if not name.startswith("_")}
             module.episodes += 1
-            module.train_episode_metrics.update(result)
+            module.train_episode_metrics.update(result, task)
             self._last_return = result.episode_return
 
     def _steps_per_second(self, module: CollectingModule) -> float:

@@ -2,7 +2,8 @@
 
 A policy drives `DrivingEnv` episodes through the action space only; each episode's final `info` becomes an
 `EpisodeResult`, and `EvaluationMetrics` averages them. Its states are sums with `dist_reduce_fx="sum"`, so
-results gathered on several DDP ranks reduce to the mean over all episodes.
+results gathered on several DDP ranks reduce to the mean over all episodes. Under a task distribution it can also
+average them per scenario and per layout (`EvaluationMetrics.by_task`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
+from lightning_td3.envs import tasks
 from lightning_td3.envs.config import EnvConfig
 from lightning_td3.envs.contract import DrivingEnv
 
@@ -129,13 +131,19 @@ METRIC_FIELDS = {
     "driving_score": "driving_score",
 }
 
+# The task settings whose episodes `EvaluationMetrics.by_task` also averages apart, and each group's name: a scenario's
+# number needs the setting's name to mean anything, a layout names itself (`train_by_task/scenario_2/...`,
+# `train_by_task/curvy/...`).
+TASK_GROUPS = {"scenario": "scenario_{}", "layout": "{}"}
+
 
 class EvaluationMetrics(Metric):
     """Means over episodes of success, collision, speed, return, length, route completion, infraction penalty and
     driving score (the CARLA Leaderboard's, see `EpisodeResult`), and the episode count.
 
     Args:
-        prefix: put before every metric name: "eval/" for evaluation episodes, "train/" for the collector's.
+        prefix: put before every metric name: "eval/" for evaluation episodes, "train/" for the collector's
+            (and, with `by_task`, "train_by_task/" before its groups').
     """
 
     full_state_update = False
@@ -147,12 +155,40 @@ class EvaluationMetrics(Metric):
         for field_name in METRIC_FIELDS.values():
             self.add_state(_sum_state(field_name), torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("episodes", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.groups: list[tuple[str, Any, str]] = []  # (setting, value, name) per group of `by_task`
 
-    def update(self, result: EpisodeResult) -> None:
+    def by_task(self, env: EnvConfig) -> None:
+        """Also average the episodes of each scenario and each layout that `env` draws per episode, under
+        `<prefix>_by_task/<group>/` ("train/" gives `train_by_task/scenario_2/success_rate`); a setting given as one
+        value makes no groups: they would repeat the overall means. Call it before the first episode.
+
+        The groups come from the config, one per value it lists, never from the episodes that happened to arrive:
+        every DDP process then holds the same states in the same order, and their sums reduce as the overall ones.
+        """
+        self.groups = [
+            (setting, value, name.format(value))
+            for setting, name in TASK_GROUPS.items()
+            for value in tasks.choices(getattr(env, setting))
+        ]
+        if self.groups:  # per group, the sum of every field (in METRIC_FIELDS' order) and the episode count
+            sums = torch.zeros(len(self.groups), len(METRIC_FIELDS), dtype=torch.float64, device=self.device)
+            self.add_state("group_sums", sums, dist_reduce_fx="sum")
+            counts = torch.zeros(len(self.groups), dtype=torch.long, device=self.device)
+            self.add_state("group_episodes", counts, dist_reduce_fx="sum")
+
+    def update(self, result: EpisodeResult, task: dict[str, Any] | None = None) -> None:
+        """Count one episode; `task` is its `info["task"]`, which the groups of `by_task` need."""
         for field_name in METRIC_FIELDS.values():
             state_name = _sum_state(field_name)
             setattr(self, state_name, getattr(self, state_name) + float(getattr(result, field_name)))
         self.episodes += 1
+        if self.groups:
+            member = [bool(task[setting] == value) for setting, value, _ in self.groups]
+            member = torch.tensor(member, device=self.device)
+            values = [float(getattr(result, field_name)) for field_name in METRIC_FIELDS.values()]
+            values = torch.tensor(values, dtype=torch.float64, device=self.device)
+            self.group_sums = self.group_sums + member[:, None] * values
+            self.group_episodes = self.group_episodes + member
 
     def compute(self) -> dict[str, torch.Tensor]:
         # With no episodes every mean is 0/0; report NaN rather than a made-up number.
@@ -162,7 +198,20 @@ class EvaluationMetrics(Metric):
             for metric_name, field_name in METRIC_FIELDS.items()
         }
         # The count shows that every episode was counted once, however many processes ran them.
-        return means | {self.prefix + "episodes": count.to(torch.float32)}
+        means |= {self.prefix + "episodes": count.to(torch.float32)}
+        if not self.groups:
+            return means
+        counts = self.group_episodes.to(torch.float64)
+        group_means = (self.group_sums / counts[:, None]).to(torch.float32)
+        for index, ((_, _, name), group_count) in enumerate(zip(self.groups, counts.tolist())):
+            # A group without episodes has no mean: it is left out, not logged as NaN. (The counts are reduced
+            # ones here, so every process leaves out the same groups.)
+            if group_count:
+                group = f"{self.prefix.rstrip('/')}_by_task/{name}/"
+                means |= {group + metric_name: group_means[index, column]
+                          for column, metric_name in enumerate(METRIC_FIELDS)}
+                means[group + "episodes"] = counts[index].to(torch.float32)
+        return means
 
 
 def _sum_state(field_name: str) -> str:

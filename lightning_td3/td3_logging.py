@@ -3,7 +3,9 @@
 Lightning's `global_step` counts optimizer steps (1.5 per update with a policy delay of 2), which mean little to an
 RL reader, so every scalar goes to TensorBoard a second time as `<name>_vs_env_steps`, against the run's env steps:
 the processes' total at the last sync of the counters (`sync_run_totals_and_log_episodes`, every
-`log_every_n_updates` updates and at every evaluation).
+`log_every_n_updates` updates and at every evaluation). Training episodes are logged as means over those finished
+since the last log: `train/success_rate`, ..., and, when the training env draws its scenario or layout per episode,
+the same per scenario and per layout (`train_by_task/scenario_2/success_rate`, `train_by_task/curvy/...`).
 """
 
 from __future__ import annotations

@@ -37,6 +37,8 @@ def test_fit_writes_tensorboard_events_vs_env_steps_and_checkpoints(tiny_run):
                  "train/critic_grad_norm", "train/actor_grad_norm", "train/episode_return", "eval/success_rate"):
         assert f"{name}_vs_env_steps" in scalars, name
     assert EVAL_KEYS <= scalars
+    # A config of single values has one task: no per-task means (`tests/test_tasks.py` has a fit over several).
+    assert not any(name.startswith("train_by_task/") for name in scalars)
     assert "obs/camera_stack" in events.Tags()["images"]
     assert any(tag.startswith("grads/critic.cnn") for tag in events.Tags()["histograms"])
     assert any(tag.startswith("cnn/actor_feature_std") for tag in scalars)

@@ -82,6 +82,39 @@ def test_metrics_merge_like_ddp_gives_the_mean_over_all_ranks_episodes():
     assert values["eval/episodes"] == 4
 
 
+def test_by_task_averages_each_listed_scenario_and_layout_and_merges_like_ddp():
+    env = EnvConfig(scenario={"low": 0, "high": 2}, layout=["straight", "curvy"])
+    rank0, rank1 = EvaluationMetrics(prefix="train/"), EvaluationMetrics(prefix="train/")
+    for metrics in (rank0, rank1):  # as every process does: the same groups, from the config alone
+        metrics.by_task(env)
+    rank0.update(GOAL, {"scenario": 0, "layout": "straight"})
+    rank1.update(CRASH, {"scenario": np.int64(0), "layout": "curvy"})  # as a vector env's info hands them
+    rank1.update(TIMEOUT, {"scenario": 2, "layout": "curvy"})
+    rank0.merge_state(rank1)  # the same "sum" reduction DDP's sync applies
+    values = _values(rank0)
+    assert values["train/episodes"] == 3 and values["train/success_rate"] == pytest.approx(1 / 3)
+    assert values["train_by_task/scenario_0/episodes"] == 2
+    assert values["train_by_task/scenario_0/success_rate"] == pytest.approx(0.5)
+    assert values["train_by_task/scenario_0/collision_rate"] == pytest.approx(0.5)
+    assert values["train_by_task/scenario_0/episode_return"] == pytest.approx(30.0)
+    assert values["train_by_task/scenario_2/episode_length"] == 300
+    assert values["train_by_task/curvy/episodes"] == 2 and values["train_by_task/curvy/collision_rate"] == 0.5
+    assert values["train_by_task/straight/driving_score"] == 1.0
+    # Scenario 1 is listed but drove no episode: it has no mean to log, rather than a NaN.
+    assert not any(name.startswith("train_by_task/scenario_1/") for name in values)
+    rank0.reset()  # as after every log: the groups start again from nothing
+    rank0.update(TIMEOUT, {"scenario": 1, "layout": "straight"})
+    assert {name for name in _values(rank0) if name.endswith("/episodes")} == {
+        "train/episodes", "train_by_task/scenario_1/episodes", "train_by_task/straight/episodes"}
+
+
+def test_by_task_makes_no_groups_for_settings_given_one_value():
+    metrics = EvaluationMetrics(prefix="train/")
+    metrics.by_task(EnvConfig(scenario=1, layout="curvy", lanes=[2, 3]))  # only lanes vary: not grouped
+    metrics.update(CRASH, {"scenario": 1, "layout": "curvy", "lanes": 2})
+    assert set(_values(metrics)) == {key.replace("eval/", "train/") for key in METRIC_KEYS}
+
+
 def test_metrics_reset_forgets_episodes():
     metrics = EvaluationMetrics()
     metrics.update(GOAL)

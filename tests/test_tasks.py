@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+from gymnasium.vector import SyncVectorEnv
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import torch
 
@@ -17,6 +19,7 @@ from lightning_td3.envs.highway_backend import _traffic_count
 from lightning_td3.envs.tasks import Range
 from lightning_td3.errors import ConfigError
 from lightning_td3.export import ACTOR_ONLY_KEY
+from tests.tiny_run import fit
 
 ROOT = Path(__file__).resolve().parent.parent
 # Episodes of single-value configs as `trace` recorded them at commit 0fdabfd, before tasks could vary.
@@ -203,3 +206,50 @@ def test_an_agent_trained_on_distributions_is_validated_on_them_from_its_checkpo
     result = cli.main(["validate", "--ckpt_path", str(tmp_path / "agent.ckpt"), "--data.eval_episodes", "2"])
     assert result.datamodule.env == trained_on
     assert result.trainer.callback_metrics["eval/episodes"] == 2
+
+
+def test_a_fit_over_scenarios_logs_each_scenarios_training_episodes_against_env_steps(tmp_path, monkeypatch):
+    finished = []  # (scenario, success, collision, return) of every training episode, as the vector env ended it
+    step = SyncVectorEnv.step
+
+    def step_and_record(envs, actions):
+        outcome = step(envs, actions)
+        _, _, terminated, truncated, info = outcome
+        final = info.get("final_info", {})
+        for index in np.flatnonzero(terminated | truncated):
+            finished.append((int(final["task"]["scenario"][index]), bool(final["success"][index]),
+                             bool(final["collision"][index]), float(final["episode_return"][index])))
+        return outcome
+
+    monkeypatch.setattr(SyncVectorEnv, "step", step_and_record)  # the training envs' (evaluation drives one env)
+    # Six-step episodes: enough of them in a tiny fit, all time-outs (`tests/test_evaluation.py` checks the groups'
+    # success and collision rates on episodes that reach the goal or crash).
+    fit(tmp_path, **{"data.env.scenario": [0, 1], "data.env.max_steps": 6})
+
+    (event_dir,) = {path.parent for path in (tmp_path / "logs").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(event_dir), size_guidance={"images": 0, "histograms": 0}).Reload()
+
+    def per_log(name: str) -> dict[int, float]:  # env step -> value (summed where two logs share a step)
+        logged = Counter()
+        for event in events.Scalars(f"{name}_vs_env_steps"):
+            logged[event.step] += event.value
+        return logged
+
+    def totals(group: str, metric: str) -> float:  # a mean times its episode count, over every log
+        counts = [event.value for event in events.Scalars(f"{group}/episodes_vs_env_steps")]
+        means = [event.value for event in events.Scalars(f"{group}/{metric}_vs_env_steps")]
+        return sum(mean * count for mean, count in zip(means, counts))
+
+    assert {scenario for scenario, *_ in finished} == {0, 1}
+    # Each log's episodes split over the two scenarios, and none is lost or counted twice.
+    assert per_log("train_by_task/scenario_0/episodes") + per_log("train_by_task/scenario_1/episodes") == per_log(
+        "train/episodes")
+    assert sum(per_log("train/episodes").values()) == len(finished)
+    for scenario in (0, 1):
+        results = [result for drawn, *result in finished if drawn == scenario]
+        group = f"train_by_task/scenario_{scenario}"
+        assert sum(per_log(f"{group}/episodes").values()) == len(results)
+        for column, metric in enumerate(("success_rate", "collision_rate", "episode_return")):
+            assert totals(group, metric) == pytest.approx(sum(result[column] for result in results), abs=1e-3)
+    tags = events.Tags()["scalars"]
+    assert not any(tag.startswith(("train_by_task/straight", "train_by_task/curvy")) for tag in tags)  # one layout

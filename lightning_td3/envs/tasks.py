@@ -93,5 +93,14 @@ def draw(setting: TaskSetting, value: Distribution, rng: np.random.Generator) ->
     return float(rng.uniform(value.low, value.high))
 
 
+def choices(value: Distribution) -> list:
+    """Every value a list or a range of whole numbers draws, each once, in order; none for a single value."""
+    if isinstance(value, list):
+        return list(dict.fromkeys(value))
+    if isinstance(value, Range):
+        return list(range(value.low, value.high + 1))
+    return []
+
+
 def _plain(value: Any) -> Any:
     return {"low": value.low, "high": value.high} if isinstance(value, Range) else value
