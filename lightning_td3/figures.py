@@ -120,6 +120,49 @@ def plot_learning_curve(run_dirs: Sequence[Path], out: Path) -> dict[str, dict[s
     return baselines
 
 
+def eval_scalars_vs_minutes(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{metric: (minutes since the run started, values)} of a run's evaluations. The start is when the logger
+    opened its first event file (TensorBoard names the file after that moment), before the warm-up."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_files = sorted(run_dir.glob("events.out.tfevents.*"))
+    if not event_files:
+        raise UserError(f"{run_dir} has no TensorBoard event files: is it a run's log directory?")
+    started = min(float(path.name.split(".")[3]) for path in event_files)
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {
+        metric: (np.array([(p.wall_time - started) / 60 for p in points]), np.array([p.value for p in points]))
+        for metric in CURVE_METRICS
+        for points in [events.Scalars(f"{metric}_vs_env_steps")]
+    }
+
+
+def plot_comparison(runs: dict[str, Path], out: Path) -> None:
+    """Overlay several runs' evaluation curves, against env steps and against wall-clock minutes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, len(CURVE_METRICS), figsize=(11, 7), constrained_layout=True)
+    for label, run_dir in runs.items():
+        by_steps, by_minutes = eval_scalars_vs_env_steps(run_dir), eval_scalars_vs_minutes(run_dir)
+        for column, metric in enumerate(CURVE_METRICS):
+            axes[0, column].plot(*by_steps[metric], marker="o", markersize=3, label=label)
+            axes[1, column].plot(*by_minutes[metric], marker="o", markersize=3, label=label)
+    for row, x_label in enumerate(("env steps", "minutes since the run started")):
+        for column, y_label in enumerate(CURVE_METRICS.values()):
+            axes[row, column].set_xlabel(x_label)
+            axes[row, column].set_ylabel(y_label)
+            axes[row, column].grid(alpha=0.3)
+        axes[row, 0].set_ylim(-0.05, 1.05)
+    axes[0, 0].legend(loc="lower right")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+
+
 # --- episode GIF ---------------------------------------------------------------------------------------------------
 
 def episode_frame(image_stack: np.ndarray, top_view: np.ndarray, caption: str) -> np.ndarray:
@@ -174,6 +217,10 @@ def main(argv: list[str] | None = None) -> None:
         help="the run's log directory (runs/<name>/version_<n>), then those of its resumptions in the order they ran",
     )
     curve.add_argument("--out", type=Path, required=True)
+    compare = commands.add_parser("compare", help="several runs' evaluation curves overlaid, vs env steps and minutes")
+    compare.add_argument("--run", action="append", required=True, metavar="LABEL=DIR",
+                         help="a label and a run's log directory (runs/<name>/version_<n>); repeat it per run")
+    compare.add_argument("--out", type=Path, required=True)
     episode = commands.add_parser("episode", help="GIF of one evaluation episode")
     episode.add_argument("--config", type=Path, action="append", default=[],
         help="the run's config (its data.env is used; default: the env the checkpoint records); repeat it to layer "
@@ -188,12 +235,24 @@ def main(argv: list[str] | None = None) -> None:
             baselines = plot_learning_curve(args.run, args.out)
             for name, metrics in baselines.items():
                 print(f"{name}: " + ", ".join(f"{key} {value:.3f}" for key, value in metrics.items()))
+        elif args.command == "compare":
+            plot_comparison(_labelled_runs(args.run), args.out)
         else:
             result = record_episode(args.config, args.ckpt, args.seed, args.out)
             print(", ".join(f"{key} {value}" for key, value in result.items()))
     except UserError as error:
         raise SystemExit(f"error: {error}") from None
     print(f"wrote {args.out}")
+
+
+def _labelled_runs(arguments: list[str]) -> dict[str, Path]:
+    runs = {}
+    for argument in arguments:
+        label, separator, run_dir = argument.partition("=")
+        if not separator or not label or not Path(run_dir).is_dir():
+            raise UserError(f"--run {argument}: give LABEL=DIR with DIR a run's log directory")
+        runs[label] = Path(run_dir)
+    return runs
 
 
 if __name__ == "__main__":

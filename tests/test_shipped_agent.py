@@ -18,9 +18,11 @@ from lightning_td3.evaluation import evaluate
 from lightning_td3.export import ACTOR_ONLY_KEY, export_actor
 from lightning_td3.figures import (
     eval_scalars_vs_env_steps,
+    eval_scalars_vs_minutes,
     plot_learning_curve,
     record_episode,
 )
+from lightning_td3.figures import main as figures_main
 from lightning_td3.replay import ReplayBuffer
 from lightning_td3.replay_file import END, save_shard
 from lightning_td3.run_config import env_config_of
@@ -219,6 +221,23 @@ def test_learning_curve_reads_the_run_and_draws_both_baselines(trained, tmp_path
     assert Image.open(png).size == (1100, 400)
     with pytest.raises(UserError, match="eval/success_rate_vs_env_steps"):
         eval_scalars_vs_env_steps(tmp_path)
+
+
+def test_compare_overlays_runs_against_env_steps_and_the_minutes_since_each_started(trained, tmp_path):
+    run_dir, _ = trained
+    log_dir = run_dir / "logs" / "tiny" / "version_0"
+    (event_file,) = log_dir.glob("events.out.tfevents.*")
+    started = float(event_file.name.split(".")[3])
+    minutes, values = eval_scalars_vs_minutes(log_dir)["eval/success_rate"]
+    steps, same_values = eval_scalars_vs_env_steps(log_dir)["eval/success_rate"]
+    assert values.tolist() == same_values.tolist() and len(minutes) == len(steps) == 1
+    # The evaluation came after the warm-up and the epoch, within the minutes the fixture's fit took.
+    assert 0 < minutes[0] < (event_file.stat().st_mtime - started) / 60 + 1e-6
+    png = tmp_path / "compare.png"
+    figures_main(["compare", "--run", f"a={log_dir}", "--run", f"b={log_dir}", "--out", str(png)])
+    assert Image.open(png).size == (1100, 700)
+    with pytest.raises(SystemExit, match="--run nolabel: give LABEL=DIR"):
+        figures_main(["compare", "--run", "nolabel", "--out", str(png)])
 
 
 def test_the_curve_of_a_resumed_run_continues_across_its_log_directories(tmp_path):
