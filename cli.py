@@ -11,7 +11,7 @@ from lightning_td3.driving_module import DrivingModule
 from lightning_td3.envs import EnvConfig
 from lightning_td3.errors import StopRequested, UserError
 from lightning_td3.fault_tolerance import FaultTolerance
-from lightning_td3.quiet import quiet_library_noise
+from lightning_td3.quiet import quiet_evaluation_noise, quiet_library_noise
 
 quiet_library_noise()
 
@@ -48,8 +48,14 @@ class DrivingCLI(LightningCLI):
         if model is not None and "vector_size" in model and model.vector_size is None:  # derived, not repeated
             model.vector_size = EnvConfig(**config.data.env.as_dict()).vector_size
         if self.subcommand in ("validate", "test"):  # evaluation prints its table and leaves no run folder behind
-            self.config[self.subcommand].trainer.logger = False
+            trainer = self.config[self.subcommand].trainer
+            trainer.logger = False
             self.save_config_callback = None
+            # Nor a checkpoint: without a ModelCheckpoint of the config's own, Lightning's default one would only
+            # read the restored checkpoint's callback state and warn that its folder differs.
+            if not any("ModelCheckpoint" in str(callback.get("class_path")) for callback in trainer.callbacks or []):
+                trainer.enable_checkpointing = False
+            quiet_evaluation_noise()
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()

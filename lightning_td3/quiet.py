@@ -28,3 +28,9 @@ def quiet_library_noise() -> None:
     # rank_zero_info logs through `rank_zero.log`, which lightning_fabric and then pytorch_lightning replace with their
     # own logger on import: the one in place once pytorch_lightning is imported is the one used.
     rank_zero.log.addFilter(_DropAdvertisements())
+
+
+def quiet_evaluation_noise() -> None:
+    """For validate and test, which restore a checkpoint's weights only: Lightning's advice to pass the callbacks that
+    wrote it concerns resuming a fit (their states), not evaluating it."""
+    warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")

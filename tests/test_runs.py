@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -230,7 +231,12 @@ def exported(checkpoint, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("which", ["training_checkpoint", "exported_actor"])
 def test_a_checkpoint_alone_evaluates_on_the_task_and_networks_it_was_trained_with(checkpoint, exported, which):
     path = checkpoint if which == "training_checkpoint" else exported
-    result = cli.main(["validate", "--ckpt_path", str(path)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = cli.main(["validate", "--ckpt_path", str(path)])
+    # Nothing about the training callbacks or a checkpoint folder: evaluation restores weights and writes nothing.
+    assert not [str(w.message) for w in caught if "callbacks used to create" in str(w.message)
+                or "dirpath has changed" in str(w.message)]
     assert result.datamodule.env == EnvConfig(**TINY_ENV)  # not the defaults: scenario 1 straight, 25 waypoints
     assert list(result.model.hparams.hidden_sizes) == [16] and result.model.hparams.vector_size == 14
     assert result.trainer.callback_metrics["eval/episodes"] == 10  # data.eval_episodes, as defaulted
