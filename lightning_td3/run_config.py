@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 import yaml
 
 from lightning_td3.envs import EnvConfig
@@ -71,6 +72,8 @@ def trained_agent(checkpoint: Path, config_paths: Sequence[Path] = ()) -> tuple[
     read_checkpoint(checkpoint)  # a missing or unreadable file in one line, before Lightning tries it
     agent = TD3.load_from_checkpoint(checkpoint, map_location="cpu")
     agent.eval()
+    # The CNNs' precision and layout that `cli.py validate` gives it on this CPU, so both tools drive alike.
+    agent.use_learner_settings(torch.device("cpu"))
     if config_paths:
         env_config = env_config_of(*config_paths)
     elif agent.trained_env is not None:

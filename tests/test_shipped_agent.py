@@ -12,7 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 import cli
 from lightning_td3 import crashes
 from lightning_td3.baselines import RandomPolicy
-from lightning_td3.envs import EnvConfig
+from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.errors import CheckpointError, UserError
 from lightning_td3.evaluation import evaluate
 from lightning_td3.export import ACTOR_ONLY_KEY, export_actor
@@ -25,8 +25,8 @@ from lightning_td3.figures import (
 from lightning_td3.figures import main as figures_main
 from lightning_td3.replay import ReplayBuffer
 from lightning_td3.replay_file import END, save_shard
-from lightning_td3.run_config import env_config_of
-from lightning_td3.td3 import TD3
+from lightning_td3.run_config import env_config_of, trained_agent
+from lightning_td3.td3 import TD3, fast_settings
 from tests.tiny_run import fit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,6 +221,20 @@ def test_learning_curve_reads_the_run_and_draws_both_baselines(trained, tmp_path
     assert Image.open(png).size == (1100, 400)
     with pytest.raises(UserError, match="eval/success_rate_vs_env_steps"):
         eval_scalars_vs_env_steps(tmp_path)
+
+
+def test_the_tools_drive_a_checkpoint_as_validate_does(trained):
+    """figures, grid and crashes load agents through `trained_agent`: the same CNN precision and layout as
+    `cli.py validate` gives them on this CPU (bf16 where the learner chose it), so the same observation gets the same
+    action from both."""
+    run_dir, _ = trained
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    agent, env_config = trained_agent(checkpoint)
+    validated = cli.main(["validate", "--ckpt_path", str(checkpoint)]).model.cpu()
+    assert agent.actor.cnn.bf16 is validated.actor.cnn.bf16 is fast_settings(torch.device("cpu")).get("bf16_cnn", False)
+    observation, _ = DrivingEnv(env_config).reset(seed=3)
+    batch = {key: value[None] for key, value in observation.items()}
+    np.testing.assert_array_equal(agent.act(batch), validated.act(batch))
 
 
 def test_compare_overlays_runs_against_env_steps_and_the_minutes_since_each_started(trained, tmp_path):
