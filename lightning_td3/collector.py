@@ -288,8 +288,10 @@ class Collector(pl.Callback):
         (actions, outcome), self._in_flight = self._in_flight, None
         started = time.perf_counter()
         try:
-            with trainer.profiler.profile(PROFILED["step"]):
-                obs, reward, terminated, truncated, info = self.envs.step_wait() if outcome is None else outcome
+            if outcome is None:  # env processes: wait for them (envs in this process stepped in _start_step)
+                with trainer.profiler.profile(PROFILED["step"]):
+                    outcome = self.envs.step_wait()
+            obs, reward, terminated, truncated, info = outcome
         except Exception as error:  # whatever the simulator raised: the run goes on without this step
             module.env_steps -= len(actions)
             self._recover(trainer, module, error)
