@@ -15,7 +15,7 @@ from lightning_td3.evaluation import (
     evaluate,
     run_episode,
 )
-from tests.test_highway_backend import EMPTY_ROAD, drive_along_lane
+from tests.test_highway_backend import drive_along_lane, steer_off_the_road
 
 METRIC_KEYS = {
     "eval/success_rate",
@@ -174,12 +174,7 @@ def test_a_highway_crash_ends_with_what_the_score_needs_in_its_final_info():
 
 
 def test_leaving_the_highway_charges_the_route_driven_off_it():
-    env = DrivingEnv(EnvConfig(**EMPTY_ROAD))
-    env.reset(seed=0)
-    for _ in range(30):
-        *_, terminated, _, info = env.step([1.0, 0.0])
-        if terminated:
-            break
+    info = steer_off_the_road()
     result = EpisodeResult.from_info(info)
     assert info["reason"] == "off_road" and info["collision_with"] is None
     assert 0.0 < info["route_outside_lanes"] < 1.0  # the progress of the step that left the road

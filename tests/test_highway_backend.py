@@ -209,13 +209,19 @@ def test_full_brake_stops_without_reversing():
     assert speeds[12] == 0.0 and speeds[11] > 0.0
 
 
-def test_hard_steering_ends_off_road():
+def steer_off_the_road() -> dict:
+    """The last info of an empty-road episode steered hard to one side: up to 30 steps, until it terminates."""
     env = DrivingEnv(EnvConfig(**EMPTY_ROAD))
     env.reset(seed=0)
     for _ in range(30):
         *_, terminated, _, info = env.step([1.0, 0.0])
         if terminated:
             break
+    return info
+
+
+def test_hard_steering_ends_off_road():
+    info = steer_off_the_road()
     assert info["reason"] == "off_road" and not info["success"]
 
 
