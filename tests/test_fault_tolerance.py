@@ -82,7 +82,10 @@ def test_sigterm_mid_training_writes_a_checkpoint_exits_0_and_says_how_to_resume
 
 
 def test_sigint_during_warm_up_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
-    config = tiny_config(tmp_path, **{"trainer.callbacks.0.init_args.learning_starts": 100_000})
+    # Room for every step a fast machine takes before the signal: a full ring would drop the oldest transitions.
+    capacity = 5000
+    config = tiny_config(tmp_path, **{"trainer.callbacks.0.init_args.learning_starts": 100_000,
+                                      "data.buffer_capacity": capacity})
     run = CliRun(config)
     run.wait_for(lambda: "SIGINT/SIGTERM stop the run with a checkpoint" in run.output, "signal handlers")
     time.sleep(3.0)  # into the warm-up (its envs take a moment to build)
@@ -96,7 +99,8 @@ def test_sigint_during_warm_up_stops_at_a_step_boundary_with_a_checkpoint(tmp_pa
     assert "Traceback" not in run.output
     # Stopped between two vector steps: the replay file holds exactly the transitions counted.
     record = saved["ReplayDataModule"]["replay_file"]
-    buffer = ReplayBuffer(500, 2, 14)
+    assert progress["env_steps"] < capacity / 2, "the ring never filled"
+    buffer = ReplayBuffer(capacity, 2, 14)
     load_shard(tmp_path / "checkpoints" / "replay" / shard_name(record["key"], 0, 1), buffer, record["key"], 0, 1)
     assert len(buffer) == progress["env_steps"]
 
