@@ -19,7 +19,9 @@ Every policy drives the same episodes of a cell (seeds --seed to --seed + --epis
 evaluation harness (`lightning_td3.evaluation.evaluate`). Written to --out: grid.md (per cell, each policy's success
 / collisions / km/h and whether the agent meets the targets against IDM+MOBIL), grid.csv (a row per cell and policy
 with every metric the harness returns) and grid.png (a heat-map of the agent's success, the cells at their row and
-column). Bad input stops before any episode with one line and exit code 1, and nothing is written.
+column). Baselines do not change with the agent: `--baselines-from <earlier>/grid.csv` takes their results from an
+earlier grid where a row there has the cell's task, first seed and number of episodes, and drives the rest. Bad input
+stops before any episode with one line and exit code 1, and nothing is written.
 Needs matplotlib (`pip install -e ".[figures]"`).
 """
 
@@ -164,14 +166,20 @@ def _evaluate(job: tuple[str, EnvConfig, list[int]]) -> tuple[dict[str, float], 
 
 def evaluate_grid(
     cells: Sequence[Cell], policies: Sequence[str], seeds: Sequence[int], checkpoint: Path | None = None,
-    config_paths: Sequence[Path] = (), workers: int = 1,
+    config_paths: Sequence[Path] = (), workers: int = 1, known: dict[tuple[str, str], dict[str, float]] | None = None,
 ) -> dict[tuple[str, str], dict[str, float]]:
     """{(cell name, policy): metrics} of every policy on every cell's episodes (the agent: `checkpoint`'s, driving
-    as `trained_agent` loads it); with `workers` > 1, in that many processes."""
-    jobs = [(cell.name, policy) for cell in cells for policy in policies]
+    as `trained_agent` loads it); with `workers` > 1, in that many processes. Entries of `known` (results taken
+    from an earlier grid) are not driven again."""
+    known = known or {}
+    results = {job: known[job] for cell in cells for policy in policies if (job := (cell.name, policy)) in known}
+    for cell, policy in results:
+        print(f"{cell}: {POLICY_LABELS[policy]} {_entry(results[cell, policy])} (from an earlier grid)", flush=True)
+    jobs = [(cell.name, policy) for cell in cells for policy in policies if (cell.name, policy) not in known]
     env_of = {cell.name: cell.env for cell in cells}
     work = [(policy, env_of[cell], list(seeds)) for cell, policy in jobs]
-    results = {}
+    if not jobs:
+        return results
     if workers == 1:
         _load_agent(checkpoint, config_paths)
         finished = map(_evaluate, work)
@@ -188,6 +196,39 @@ def evaluate_grid(
         if workers > 1:
             pool.shutdown(cancel_futures=True)
     return results
+
+
+def earlier_baselines(path: Path, cells: Sequence[Cell], seeds: Sequence[int]) -> dict[tuple[str, str], dict[str, float]]:
+    """{(cell name, policy): metrics} of the baselines in an earlier grid.csv, for the cells whose task, first seed
+    and number of episodes a row there matches (whatever that grid named the cell). The agent's rows are never
+    taken: the file does not say which agent drove them."""
+    try:
+        with path.open(newline="") as file:
+            rows = list(csv.DictReader(file))
+    except (OSError, UnicodeDecodeError, csv.Error) as why:
+        raise UserError(f"--baselines-from {path} cannot be read ({why!r})") from None
+    task_keys = list(cells[0].env.task())
+    columns = ["cell", "policy", *task_keys, "first_seed", "episodes", "success_rate", "collision_rate",
+               "avg_speed_kmh"]
+    missing = [column for column in columns if not rows or column not in rows[0]]
+    if missing:
+        raise UserError(f"--baselines-from {path} is not a grid.csv of this command: no rows, or no column(s) "
+                        f"{missing}")
+    labels = ("cell", "row", "column", "policy", *task_keys, "first_seed")
+
+    def identity(policy: str, task: dict, first_seed: object, episodes: object) -> tuple[str, ...]:
+        return (policy, *(str(task[key]) for key in task_keys), str(first_seed), str(float(episodes)))
+
+    by_identity = {
+        identity(row["policy"], row, row["first_seed"], row["episodes"]):
+            {key: float(value) for key, value in row.items() if key not in labels}
+        for row in rows if row["policy"] != AGENT
+    }
+    return {
+        (cell.name, policy): by_identity[key]
+        for cell in cells for policy in POLICY_LABELS if policy != AGENT
+        if (key := identity(policy, cell.env.task(), seeds[0], len(seeds))) in by_identity
+    }
 
 
 def meets_targets(agent: dict[str, float], reference: dict[str, float]) -> list[str]:
@@ -332,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the first episode's seed (default: %(default)s, the validation seeds; held-out seeds "
                              "for a final table)")
     parser.add_argument("--workers", type=int, default=1, help="processes evaluating at once (default: 1)")
+    parser.add_argument("--baselines-from", type=Path,
+                        help="an earlier grid.csv: the baselines' results there on the same tasks and episodes are "
+                             "taken instead of driven again (the agent is always driven)")
     parser.add_argument("--out", type=Path, required=True, help="the folder grid.md, grid.csv and grid.png go to")
     args = parser.parse_args(argv)
     try:
@@ -354,7 +398,8 @@ def main(argv: list[str] | None = None) -> None:
                 except ConfigError as error:
                     raise ConfigError(f"{args.cells}: cell '{cell.name}': {error}") from None
         seeds = list(range(args.seed, args.seed + args.episodes))
-        results = evaluate_grid(cells, policies, seeds, args.ckpt, args.config, args.workers)
+        known = earlier_baselines(args.baselines_from, cells, seeds) if args.baselines_from else {}
+        results = evaluate_grid(cells, policies, seeds, args.ckpt, args.config, args.workers, known)
         args.out.mkdir(parents=True, exist_ok=True)
         command = shlex.join(["python", "-m", "lightning_td3.grid", *(sys.argv[1:] if argv is None else argv)])
         (args.out / "grid.md").write_text(grid_table(cells, policies, seeds, results, command))

@@ -109,6 +109,25 @@ def test_the_shipped_generalist_grid_holds_the_twelve_tasks():
     }
 
 
+def test_baselines_are_taken_from_an_earlier_grid_on_the_same_tasks_and_episodes_only(written, tmp_path, monkeypatch):
+    driven = []
+    evaluate_cell = grid._evaluate
+    monkeypatch.setattr(grid, "_evaluate", lambda job: driven.append((job[0], job[1].task(), len(job[2])))
+                        or evaluate_cell(job))
+    cells = tmp_path / "tiny.yaml"
+    cells.write_text(TINY_GRID)
+    earlier = written / "grid.csv"
+    for episodes in (len(SEEDS), 1):
+        driven.clear()
+        grid.main(["--cells", str(cells), "--ckpt", str(AGENT), "--episodes", str(episodes), "--seed", str(SEEDS[0]),
+                   "--baselines-from", str(earlier), "--out", str(tmp_path / f"out{episodes}")])
+        driven_policies = sorted({policy for policy, _, _ in driven})
+        # Baselines do not change with the agent: on the earlier grid's tasks and episodes they are not driven again.
+        assert driven_policies == (["td3"] if episodes == len(SEEDS) else ["idm_mobil", "random", "td3"])
+    with earlier.open() as before, (tmp_path / f"out{len(SEEDS)}" / "grid.csv").open() as after:
+        assert list(csv.DictReader(after)) == list(csv.DictReader(before))
+
+
 @pytest.mark.parametrize(
     "cells, extra, message",
     [
@@ -129,6 +148,10 @@ def test_the_shipped_generalist_grid_holds_the_twelve_tasks():
         ("cells:\n  - {name: a, env: {observe_leader: true}}\n", ["--ckpt", str(AGENT)],
          "cell 'a': the agent in"),  # its vector has another size
         ("cells:\n  - {name: a}\n", ["--policies", "random", "--out", "cells.yaml"], "--out must be a folder"),
+        ("cells:\n  - {name: a}\n", ["--policies", "random", "--baselines-from", "cells.yaml"],
+         "--baselines-from cells.yaml is not a grid.csv of this command"),
+        ("cells:\n  - {name: a}\n", ["--policies", "random", "--baselines-from", "nowhere.csv"],
+         "--baselines-from nowhere.csv cannot be read"),
     ],
 )
 def test_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, monkeypatch, cells, extra, message):
