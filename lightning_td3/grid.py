@@ -172,10 +172,11 @@ def evaluate_grid(
     as `trained_agent` loads it); with `workers` > 1, in that many processes. Entries of `known` (results taken
     from an earlier grid) are not driven again."""
     known = known or {}
-    results = {job: known[job] for cell in cells for policy in policies if (job := (cell.name, policy)) in known}
+    pairs = [(cell.name, policy) for cell in cells for policy in policies]
+    results = {pair: known[pair] for pair in pairs if pair in known}
     for cell, policy in results:
         print(f"{cell}: {POLICY_LABELS[policy]} {_entry(results[cell, policy])} (from an earlier grid)", flush=True)
-    jobs = [(cell.name, policy) for cell in cells for policy in policies if (cell.name, policy) not in known]
+    jobs = [pair for pair in pairs if pair not in known]
     env_of = {cell.name: cell.env for cell in cells}
     work = [(policy, env_of[cell], list(seeds)) for cell, policy in jobs]
     if not jobs:

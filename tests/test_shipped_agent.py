@@ -23,6 +23,7 @@ from lightning_td3.figures import (
     record_episode,
 )
 from lightning_td3.figures import main as figures_main
+from lightning_td3.grid import read_grid
 from lightning_td3.replay import ReplayBuffer
 from lightning_td3.replay_file import END, save_shard
 from lightning_td3.run_config import env_config_of, trained_agent
@@ -366,21 +367,15 @@ def test_the_shipped_agents_that_reached_their_target_drive_its_first_held_out_e
 def test_the_generalist_slows_down_in_dense_traffic_and_drives_both_ends_of_its_range():
     """One actor on two cells of configs/grids/generalist.yaml, its first held-out episodes: light traffic on a
     straight road and scenario 2 at twice its traffic on the curvy one. It reaches the goal in both, slower where the
-    traffic is (measured over 100 held-out episodes
-    each: 85.1 and 61.7 km/h; IDM+MOBIL 83.8 and 59.6)."""
+    traffic is (measured over 100 held-out episodes each: 85.1 and 61.7 km/h; IDM+MOBIL 83.8 and 59.6)."""
     agent, trained_env = shipped_agent("generalist")
     assert trained_env.varying  # trained on the ranges, not on a cell
-    cells = {
-        "light": {"scenario": 0, "layout": "straight"},
-        "dense": {"scenario": 2, "traffic_density": 2.0, "layout": "curvy"},
-    }
+    cells = {cell.name: cell.env for cell in read_grid(ROOT / "configs/grids/generalist.yaml", trained_env)}
     seeds = [50000, 50001]
     speeds = {}
     with torch.no_grad():
-        for name, cell in cells.items():
-            env = EnvConfig(**{**trained_env.settings(), "lanes": 3, "route_length_m": 300,
-                               "max_steps": {"per_km": 500}, **cell})
-            metrics = evaluate(agent.policy(), env, seeds)
+        for name in ("s0-straight", "s2x2-curvy"):
+            metrics = evaluate(agent.policy(), cells[name], seeds)
             assert metrics["eval/success_rate"] == 1.0 and metrics["eval/collision_rate"] == 0.0, name
             speeds[name] = metrics["eval/avg_speed_kmh"]
-    assert speeds["dense"] < speeds["light"] - 10
+    assert speeds["s2x2-curvy"] < speeds["s0-straight"] - 10
