@@ -9,6 +9,8 @@ states, so that a resumed run goes on bit for bit. An exported actor (`python -m
 
 from __future__ import annotations
 
+from itertools import product
+
 import random
 from typing import TYPE_CHECKING
 
@@ -115,7 +117,7 @@ def require_env(module: TD3, env: EnvConfig) -> None:
     if env.vector_size != vector_size:
         gives = (
             f"data.env gives vectors of {env.vector_size} (4 + 2 x num_waypoints={env.num_waypoints}, + 2 with "
-            f"observe_leader={env.observe_leader})"
+            f"observe_leader={env.observe_leader}, + 4 with observe_sides={env.observe_sides})"
         )
         if not module.from_checkpoint:
             raise ConfigError(
@@ -183,18 +185,20 @@ def _checkpoint_name(module: TD3) -> str:
 
 
 def _env_options_giving(vector_size: int, env: EnvConfig) -> list[str]:
-    """The `--data.env` options that make `env` give vectors of `vector_size` (see `EnvConfig.vector_size`): one way
-    with observe_leader on, one with it off (where num_waypoints >= 1 allows), fewest changes first. The size alone
-    cannot tell which of them the agent was trained on."""
+    """The `--data.env` options that make `env` give vectors of `vector_size` (see `EnvConfig.vector_size`) with the
+    fewest changes: one way per choice of observe_leader and observe_sides that num_waypoints >= 1 allows. The size
+    alone cannot tell which of them the agent was trained on."""
     fits = []
-    # observe_leader first on a tie: toggling it is the likelier difference (the shipped configs differ in it,
-    # never in num_waypoints).
-    for leader in (not env.observe_leader, env.observe_leader):
-        waypoints, odd = divmod(vector_size - 4 - (2 if leader else 0), 2)
+    # The observed radars before num_waypoints on a tie: toggling them is the likelier difference (the shipped
+    # configs differ in them, never in num_waypoints).
+    leaders, sides_choices = (not env.observe_leader, env.observe_leader), (env.observe_sides, not env.observe_sides)
+    for leader, sides in product(leaders, sides_choices):
+        waypoints, odd = divmod(vector_size - 4 - (2 if leader else 0) - (4 if sides else 0), 2)
         if waypoints >= 1 and not odd:
-            wanted = {"observe_leader": leader, "num_waypoints": waypoints}
+            wanted = {"observe_leader": leader, "observe_sides": sides, "num_waypoints": waypoints}
             fits.append({name: value for name, value in wanted.items() if getattr(env, name) != value})
+    fewest = min(map(len, fits), default=0)
     return [
         " ".join(f"--data.env.{name} {str(value).lower()}" for name, value in changes.items())
-        for changes in sorted(fits, key=len)
+        for changes in fits if len(changes) == fewest
     ]

@@ -13,8 +13,9 @@ from highway_env.road.road import Road, RoadNetwork
 from highway_env.vehicle.graphics import VehicleGraphics
 from highway_env.vehicle.kinematics import Vehicle
 
-from lightning_td3.envs import DrivingEnv, EnvConfig
-from lightning_td3.envs.contract import LEADER_RANGE_M, SPEED_SCALE_MPS
+from lightning_td3.envs import DrivingEnv, EnvConfig, RewardConfig
+from lightning_td3.envs.contract import LATERAL_SCALE_M, LEADER_RANGE_M, SIDE_RANGE_M, SPEED_SCALE_MPS
+from lightning_td3.envs.reward import ALONGSIDE_FULL_AT_M
 from lightning_td3.envs.highway_backend import EGO_COLOR, GRAYSCALE_WEIGHTS, HighwayBackend
 from lightning_td3.envs.highway_road import FIRST_BEND_AFTER_START_M, LANE_WIDTH_M
 
@@ -302,6 +303,46 @@ def test_observe_leader_appends_the_gap_and_closing_speed_to_the_car_ahead():
     np.testing.assert_array_equal(empty_road[:, -2:], np.tile([1.0, 0.0], (len(empty_road), 1)))
     with pytest.raises(ValueError, match="env.observe_leader must be true or false"):
         EnvConfig(observe_leader="yes")
+
+
+def test_observe_sides_appends_the_gaps_ahead_and_behind_in_the_side_lanes_and_the_reward_charges_moving_to_them():
+    def rollout(observe_sides: bool):
+        env = DrivingEnv(EnvConfig(scenario=2, traffic_density=2.0, route_length_m=300.0, num_waypoints=5,
+                                   observe_leader=True, observe_sides=observe_sides,
+                                   reward=RewardConfig(alongside=1.0)))
+        obs, _ = env.reset(seed=5)
+        vectors, scenes, charges = [obs["vector"]], [env.scene()], [0.0]
+        for step in range(40):  # weaving among dense traffic, braking, until it leaves the road
+            steer = 0.3 if (step // 12) % 2 else -0.3
+            obs, _, terminated, truncated, info = env.step(np.array([steer, -0.2], np.float32))
+            vectors.append(obs["vector"])
+            scenes.append(env.scene())
+            charges.append(info["reward_terms"]["alongside"])
+            if terminated or truncated:
+                break
+        return np.stack(vectors), scenes, charges
+
+    with_sides, scenes, charges = rollout(True)
+    without, _, _ = rollout(False)
+    assert with_sides.shape[1] == without.shape[1] + 4 == EnvConfig(num_waypoints=5, observe_leader=True,
+                                                                   observe_sides=True).vector_size
+    np.testing.assert_array_equal(with_sides[:, :-4], without)  # the rest of the vector and the episode unchanged
+    for vector, scene, charge in zip(with_sides, scenes, charges, strict=True):
+        expected = [
+            1.0 if neighbour is None else min(neighbour.gap_m / SIDE_RANGE_M, 1.0)
+            for side in (-1, 1) for neighbour in (scene.leaders.get(side), scene.followers.get(side))
+        ]
+        np.testing.assert_allclose(vector[-4:], expected, atol=1e-6)
+        # The charge reads the same gaps, on the side the ego leans to (lateral offset > 0: left).
+        lean_side, lean_m = (-1, 1) if vector[3] > 0 else (1, -1)
+        lean_m *= vector[3] * LATERAL_SCALE_M
+        gaps = [n.gap_m for n in (scene.leaders.get(lean_side), scene.followers.get(lean_side)) if n is not None]
+        shortfall = 0.0 if not gaps else np.clip(1.0 - min(gaps) / (scene.speed_mps * RewardConfig().headway_s), 0, 1)
+        assert charge == pytest.approx(-min(lean_m / ALONGSIDE_FULL_AT_M, 1.0) * shortfall, abs=1e-5)
+    assert with_sides[:, -4:].min() < 0.2, "never near a car beside: the test shows nothing"
+    assert min(charges) < -0.3, "never charged: the test shows nothing"
+    with pytest.raises(ValueError, match="env.observe_sides must be true or false"):
+        EnvConfig(observe_sides=1)
 
 
 def test_restoring_a_state_replays_bit_identically():

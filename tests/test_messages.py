@@ -58,6 +58,7 @@ def test_valid_config_files_and_other_arguments_pass_the_check():
         (lambda: CarlaConfig(port=0), "data.env.carla.port must be a port"),
         (lambda: EnvConfig(carla={"servers": ["sim-a:two"]}), "data.env.carla.servers[0] must be"),
         (lambda: RewardConfig(headway=-1.0), "data.env.reward.headway must be a number >= 0"),
+        (lambda: RewardConfig(alongside=-1.0), "data.env.reward.alongside must be a number >= 0"),
         (lambda: process_servers(CarlaConfig(servers=("a:1", "b:2")), 1, 0, 1), "data.env.carla.servers must be 1"),
     ],
 )
@@ -83,7 +84,7 @@ def test_a_fit_from_scratch_is_told_to_set_the_vector_size_before_any_env_runs(t
         fit(tmp_path, **{"model.init_args.vector_size": 14, "data.env.num_waypoints": 6})
     assert str(raised.value) == (
         "model.init_args.vector_size is 14 but data.env gives vectors of 16 (4 + 2 x num_waypoints=6, + 2 with "
-        "observe_leader=False); set model.init_args.vector_size: 16"
+        "observe_leader=False, + 4 with observe_sides=False); set model.init_args.vector_size: 16"
     )
     assert plan.steps == 0 and plan.resets == 0
 
@@ -96,7 +97,8 @@ def test_a_checkpoint_is_told_to_get_the_env_it_was_trained_on_not_another_vecto
                   "--data.env.observe_leader", "false", "--ckpt_path", str(agent)])
     assert str(raised.value) == (
         f"the agent in checkpoint {agent} was trained on vectors of 56 but data.env gives vectors of 54 (4 + 2 x "
-        "num_waypoints=25, + 2 with observe_leader=False): give the env it was trained on (its run's config), e.g. "
+        "num_waypoints=25, + 2 with observe_leader=False, + 4 with observe_sides=False): give the env it was trained "
+        "on (its run's config), e.g. "
         "--data.env.observe_leader true or --data.env.num_waypoints 26"
     )
 

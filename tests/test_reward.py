@@ -76,3 +76,31 @@ def test_the_env_charges_the_headway_to_the_car_ahead_in_its_lane():
     assert min(charged) < -0.1, "the ego never came close to a car ahead: the test shows nothing"
     with pytest.raises(ValueError, match="env.reward.headway_s must be > 0 seconds"):
         RewardConfig(headway_s=0.0)
+
+
+def alongside_at(lateral_offset_m, gaps_beside_m, speed_mps=20.0, **weights) -> float:
+    terms = compute_reward(
+        RewardConfig(**weights), speed_mps=speed_mps, target_speed_mps=TARGET_MPS, progress_step_m=speed_mps * DT,
+        dt=DT, lateral_offset_m=lateral_offset_m, off_road_distance_m=2.5, heading_error_rad=0.0,
+        action_change=np.zeros(2), crashed=False, gaps_beside_m=gaps_beside_m,
+    )
+    assert terms.total == pytest.approx(sum(value for name, value in terms.as_dict().items() if name != "total"))
+    assert terms.headway == 0.0  # the lanes beside are not the ego's: the headway charge does not read them
+    return terms.alongside
+
+
+def test_the_alongside_term_charges_moving_toward_a_lane_with_a_car_near():
+    # 20 m/s with headway_s 1.5: a car in the lane beside counts under a 30 m gap, fully when they overlap; the
+    # charge grows with the ego's offset toward that lane (> 0: left), whole at 1.5 m.
+    car_left = (0.0, None)
+    assert alongside_at(1.5, car_left, alongside=2.0) == pytest.approx(-2.0)
+    assert alongside_at(3.0, car_left, alongside=2.0) == pytest.approx(-2.0)  # capped: a crash charges more
+    assert alongside_at(0.75, car_left, alongside=2.0) == pytest.approx(-1.0)
+    assert alongside_at(0.75, (15.0, None), alongside=2.0) == pytest.approx(-0.5)  # half the time gap
+    assert alongside_at(1.5, (30.0, None), alongside=2.0) == 0.0
+    assert alongside_at(0.0, car_left, alongside=2.0) == 0.0  # centred in its own lane
+    assert alongside_at(-1.5, car_left, alongside=2.0) == 0.0  # moving away from it, toward an empty lane
+    assert alongside_at(-1.5, (None, 0.0), alongside=2.0) == pytest.approx(-2.0)  # toward a car on the right
+    assert alongside_at(-0.75, (0.0, 15.0), alongside=2.0) == pytest.approx(-0.5)
+    assert alongside_at(1.5, car_left, speed_mps=0.0, alongside=2.0) == 0.0  # standing: no time gap to close
+    assert alongside_at(1.5, car_left) == 0.0  # off by default

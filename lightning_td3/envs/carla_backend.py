@@ -44,7 +44,7 @@ from lightning_td3.envs.carla_road import (
     to_ego_frame,
 )
 from lightning_td3.envs.config import CarlaConfig, EnvConfig
-from lightning_td3.envs.contract import LEADER_RANGE_M, Measurement, Scene, VehicleLimits
+from lightning_td3.envs.contract import LEADER_RANGE_M, SIDE_RANGE_M, Measurement, Scene, VehicleLimits
 from lightning_td3.errors import UserError
 
 FIXED_DELTA_SECONDS = 0.05
@@ -77,9 +77,9 @@ EGO_CLEARANCE_M = 10.0
 PROJECTION_BEHIND_M = 10.0
 PROJECTION_AHEAD_M = 30.0
 # Range of scene(): lanes and neighbours this far ahead of / behind the ego; ahead, as far as `env.observe_leader`
-# reads the car ahead on every backend (highway-env's search has no limit).
+# reads the car ahead on every backend (highway-env's search has no limit); behind, as far as `env.observe_sides` reads.
 SCENE_AHEAD_M = LEADER_RANGE_M
-SCENE_BEHIND_M = 40.0
+SCENE_BEHIND_M = SIDE_RANGE_M
 # Markings that must not be crossed: crossing one means leaving the road or entering the oncoming lanes.
 ROAD_EDGE_MARKINGS = frozenset(
     {

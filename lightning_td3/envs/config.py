@@ -68,9 +68,15 @@ class RewardConfig:
     # when it is too late; this says so while braking still helps. 0 (the seed): off.
     headway: float = 0.0
     headway_s: float = 1.5
+    # Per step, times `alongside`: the headway charge of the lane the ego moves toward, to the nearer of the car
+    # ahead and the car behind in it, times how far toward it the ego has moved (0 at its lane's centre line, 1 at
+    # `reward.ALONGSIDE_FULL_AT_M`). It charges drifting or changing into a lane where a car is beside the ego, which
+    # the headway charge reaches only once the lanes have swapped: when the two cars already touch. 0: off.
+    alongside: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("efficiency", "lane_keeping", "comfort", "safety", "progress", "crash_penalty", "headway"):
+        for name in ("efficiency", "lane_keeping", "comfort", "safety", "progress", "crash_penalty", "headway",
+                     "alongside"):
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and value >= 0, f"data.env.reward.{name}", "a number >= 0", value)
         require(
@@ -200,6 +206,9 @@ class EnvConfig:
         observe_leader: append to the vector the gap to the vehicle ahead in the ego's lane and the speed at which
             the ego closes on it, as a forward radar would give them (off: the agent sees other vehicles only in
             the frames).
+        observe_sides: append to the vector the gaps to the nearest vehicles ahead of and behind the ego in the
+            lanes to its left and right (4 entries), as corner radars would give them; no lane or no vehicle within
+            range reads as a vehicle at the range.
         reward: weights of the reward terms.
         carla: server connection and world settings, used by the carla backend.
     """
@@ -223,6 +232,7 @@ class EnvConfig:
     pixels_per_meter: float = 1.75
     frame_ego_position: float = 0.3
     observe_leader: bool = False
+    observe_sides: bool = False
     reward: RewardConfig = field(default_factory=RewardConfig)
     carla: CarlaConfig = field(default_factory=CarlaConfig)
 
@@ -272,6 +282,7 @@ class EnvConfig:
             0 < self.frame_ego_position < 1, "data.env.frame_ego_position", "in (0, 1)", self.frame_ego_position
         )
         require(isinstance(self.observe_leader, bool), "data.env.observe_leader", "true or false", self.observe_leader)
+        require(isinstance(self.observe_sides, bool), "data.env.observe_sides", "true or false", self.observe_sides)
 
     @property
     def camera(self) -> dict:
@@ -330,5 +341,5 @@ class EnvConfig:
     @property
     def vector_size(self) -> int:
         """speed, distance to goal, heading error, lateral offset, (x, y) per waypoint, then the leader's gap and
-        closing speed if observed."""
-        return 4 + 2 * self.num_waypoints + (2 if self.observe_leader else 0)
+        closing speed if observed, then the side lanes' gaps if observed."""
+        return 4 + 2 * self.num_waypoints + (2 if self.observe_leader else 0) + (4 if self.observe_sides else 0)

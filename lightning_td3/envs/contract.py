@@ -31,6 +31,10 @@ LATERAL_SCALE_M = 3.5
 WAYPOINT_SCALE_M = 50.0
 # The observed leader's gap is capped here, a forward radar's reach; no leader reads as one this far away.
 LEADER_RANGE_M = 100.0
+# The same for the side lanes' cars (`env.observe_sides`), corner radars' reach: the 1.5 s headway at 27 m/s.
+SIDE_RANGE_M = 40.0
+# Lane offsets of the side lanes, in the order the vector and `compute_reward` take them: left, then right.
+SIDES = (-1, 1)
 # Hard bound of the vector observation space; values are clipped into it.
 VECTOR_BOUND = 5.0
 
@@ -159,7 +163,7 @@ class DrivingEnv(gym.Env):
         self._distance_m = 0.0
         self._outside_lanes_m = 0.0
         measurement = self._last_measurement = self.backend.measure()
-        return self._observation(measurement, self._leader()), self._info(measurement, None, None)
+        return self._observation(measurement, self._scene()), self._info(measurement, None, None)
 
     def step(self, action):
         action = np.asarray(action, dtype=np.float32).reshape(2)
@@ -173,7 +177,8 @@ class DrivingEnv(gym.Env):
         self._stack = np.roll(self._stack, -1, axis=0)
         self._stack[-1] = self.backend.frame()
 
-        leader = self._leader()
+        scene = self._scene()
+        leader = None if scene is None else scene.leaders.get(0)
         reason = self._termination_reason(measurement)
         terminated = reason in TERMINAL_REASONS
         truncated = reason == "time_out"
@@ -189,6 +194,7 @@ class DrivingEnv(gym.Env):
             action_change=action - self._last_action,
             crashed=reason in CRASHES,
             gap_ahead_m=None if leader is None else leader.gap_m,
+            gaps_beside_m=tuple(_nearest_gap(scene, side) for side in SIDES),
         )
         self._last_action = action
         self._last_measurement = measurement
@@ -197,7 +203,7 @@ class DrivingEnv(gym.Env):
         if reason == "off_road":
             self._outside_lanes_m += max(measurement.progress_m - previous.progress_m, 0.0)
         info = self._info(measurement, reason, terms)
-        return self._observation(measurement, leader), terms.total, terminated, truncated, info
+        return self._observation(measurement, scene), terms.total, terminated, truncated, info
 
     def render(self):
         if self.render_mode == "rgb_array":
@@ -250,11 +256,12 @@ class DrivingEnv(gym.Env):
         # States saved before tasks were drawn per episode come from configs of single values: their own task.
         self.task = self.backend.config = state.get("task", self.config)
 
-    def _leader(self) -> Neighbour | None:
-        """The vehicle ahead in the ego's lane; the scene is read only when the reward or the observation uses it."""
-        if not (self.config.reward.headway or self.config.observe_leader):
+    def _scene(self) -> Scene | None:
+        """The other vehicles around the ego, read only when the reward or the observation uses them."""
+        config = self.config
+        if not (config.reward.headway or config.reward.alongside or config.observe_leader or config.observe_sides):
             return None
-        return self.backend.scene().leaders.get(0)
+        return self.backend.scene()
 
     def _termination_reason(self, m: Measurement) -> str | None:
         if m.collision:
@@ -267,7 +274,7 @@ class DrivingEnv(gym.Env):
             return "time_out"
         return None
 
-    def _observation(self, m: Measurement, leader: Neighbour | None) -> dict[str, np.ndarray]:
+    def _observation(self, m: Measurement, scene: Scene | None) -> dict[str, np.ndarray]:
         vector = np.empty(self.config.vector_size, np.float32)
         vector[0] = m.speed_mps / SPEED_SCALE_MPS
         vector[1] = max(m.route_length_m - m.progress_m, 0.0) / m.route_length_m
@@ -275,11 +282,20 @@ class DrivingEnv(gym.Env):
         vector[3] = m.lateral_offset_m / LATERAL_SCALE_M
         waypoints_end = 4 + m.waypoints_ego.size
         vector[4:waypoints_end] = (m.waypoints_ego / WAYPOINT_SCALE_M).reshape(-1)
+        end = waypoints_end
         if self.config.observe_leader:
+            leader = scene.leaders.get(0)
             gap, closing = 1.0, 0.0  # nothing ahead within range reads as a car at the range, not closing
             if leader is not None and leader.gap_m < LEADER_RANGE_M:
                 gap, closing = leader.gap_m / LEADER_RANGE_M, (m.speed_mps - leader.speed_mps) / SPEED_SCALE_MPS
-            vector[waypoints_end:] = gap, closing
+            vector[end:end + 2] = gap, closing
+            end += 2
+        if self.config.observe_sides:
+            # No lane or no car within range reads as a car at the range.
+            vector[end:end + 4] = [
+                min(neighbour.gap_m / SIDE_RANGE_M, 1.0) if neighbour is not None else 1.0
+                for side in SIDES for neighbour in (scene.leaders.get(side), scene.followers.get(side))
+            ]
         np.clip(vector, -VECTOR_BOUND, VECTOR_BOUND, out=vector)
         return {"image": self._stack.copy(), "vector": vector}
 
@@ -305,3 +321,11 @@ class DrivingEnv(gym.Env):
         if terms is None or reason is not None:  # the episode's first and last info: which task it is
             info["task"] = self.task.task()
         return info
+
+
+def _nearest_gap(scene: Scene | None, side: int) -> float | None:
+    """The gap to the nearer of the cars ahead and behind in the lane at `side` (None: no such lane or car)."""
+    if scene is None:
+        return None
+    gaps = [n.gap_m for n in (scene.leaders.get(side), scene.followers.get(side)) if n is not None]
+    return min(gaps, default=None)

@@ -15,6 +15,10 @@ import numpy as np
 
 from lightning_td3.envs.config import RewardConfig
 
+# How far from its lane's centre line, toward a neighbouring lane, the ego pays the whole `alongside` charge: a car
+# centred in a 3.5-4 m lane beside it is then within half a metre of touching it.
+ALONGSIDE_FULL_AT_M = 1.5
+
 
 @dataclass
 class RewardTerms:
@@ -24,6 +28,7 @@ class RewardTerms:
     safety: float
     progress: float
     headway: float
+    alongside: float
     total: float
 
     def as_dict(self) -> dict[str, float]:
@@ -43,9 +48,11 @@ def compute_reward(
     action_change: np.ndarray,
     crashed: bool,
     gap_ahead_m: float | None = None,
+    gaps_beside_m: tuple[float | None, float | None] = (None, None),
 ) -> RewardTerms:
     """`gap_ahead_m`: bumper-to-bumper distance to the car ahead in the ego's lane (None: none in sight); only the
-    headway term reads it."""
+    headway term reads it. `gaps_beside_m`: the same to the nearer of the cars ahead and behind in the lane to the
+    ego's left and in the lane to its right (None: no car in sight, or no lane); only the alongside term reads it."""
     efficiency = -min(abs(speed_mps - target_speed_mps) / target_speed_mps, 1.0)
     lane_keeping = -min(
         0.5 * abs(lateral_offset_m) / off_road_distance_m + 0.5 * abs(heading_error_rad) / (math.pi / 2), 1.0
@@ -53,9 +60,19 @@ def compute_reward(
     # Jerk proxy: how much the commands moved since the last step; each component spans at most 2.
     comfort = -float(np.abs(action_change).sum()) / 4.0
     safety = -weights.crash_penalty if crashed else 0.0
-    headway = 0.0
-    if gap_ahead_m is not None and speed_mps > 0:
-        headway = -min(max(1.0 - gap_ahead_m / (speed_mps * weights.headway_s), 0.0), 1.0)
+
+    def time_gap_shortfall(gap_m: float | None) -> float:
+        """How far the time gap (gap / ego speed) is below headway_s: 0 at or above it, or no car; 1 touching."""
+        if gap_m is None or speed_mps <= 0:
+            return 0.0
+        return min(max(1.0 - gap_m / (speed_mps * weights.headway_s), 0.0), 1.0)
+
+    headway = -time_gap_shortfall(gap_ahead_m)
+    # lateral_offset_m > 0: left of the lane's centre line, toward the lane on the left (gaps_beside_m[0]).
+    toward = (max(lateral_offset_m, 0.0), max(-lateral_offset_m, 0.0))
+    alongside = -max(
+        min(offset / ALONGSIDE_FULL_AT_M, 1.0) * time_gap_shortfall(gap) for offset, gap in zip(toward, gaps_beside_m)
+    )
     progress = progress_step_m / (target_speed_mps * dt)
     if weights.progress_up_to_target_speed:
         progress = min(progress, 1.0)
@@ -66,6 +83,7 @@ def compute_reward(
         safety=weights.safety * safety,
         progress=weights.progress * progress,
         headway=weights.headway * headway,
+        alongside=weights.alongside * alongside,
     )
     weighted = {name: float(value) for name, value in weighted.items()}
     return RewardTerms(**weighted, total=sum(weighted.values()))
