@@ -4,9 +4,12 @@
 
 Runs the evaluation episodes seed, seed + 1, ... through the evaluation harness and, for each that ends in a
 collision, prints what the ego saw one second before: its speed, the car ahead in its lane (gap and speed), and the
-lane changes of its last four seconds. Then it counts the rear-end collisions: those where, a second before, a car
-was ahead in the ego's lane, slower than the ego and less than a second's drive away, and the ego had not changed
-lanes for four seconds.
+lane changes of its last four seconds; and where it was at the collision: how far from its lane's centre toward a
+side lane, and whether a car was alongside it (within a metre lengthwise) in its lane or in that one. Then it counts the rear-end collisions: those where, a
+second before, a car was ahead in the ego's lane, slower than the ego and less than a second's drive away, and the
+ego had not changed lanes for four seconds; and the side-swipes: those where, at the collision, the ego was between
+two lanes (a metre or more off its lane's centre, or in a lane it entered within the last second) with a car
+alongside it in one of them, and not a rear-end.
 
 With `--critic` (a training checkpoint: an exported actor has no trained critics) it also prints, for each
 collision, what the critics expected a second before (`TD3.value`) against the discounted return that followed, that
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 
 from lightning_td3.envs import DrivingEnv, EnvConfig
+from lightning_td3.envs.contract import LATERAL_SCALE_M, SIDES
 from lightning_td3.errors import UserError
 from lightning_td3.evaluation import Policy, run_episode
 from lightning_td3.replay import ReplayBuffer
@@ -39,6 +43,11 @@ from lightning_td3.run_config import trained_agent
 
 BEFORE_S = 1.0  # how long before the collision the scene is read: the car ahead is still apart from the ego then
 LANE_CHANGES_S = 4.0
+# A car keeps within about half a metre of its lane's centre: one a metre or more off it is moving to the next lane.
+SIDE_SWIPE_OFFSET_M = 1.0
+# A car counts as alongside within this bumper-to-bumper gap along the lane: turned toward the next lane, the ego's
+# corners reach past where its bumpers are measured.
+ALONGSIDE_GAP_M = 1.0
 
 
 @dataclass
@@ -49,6 +58,12 @@ class Crash:
     gap_ahead_m: float | None  # to the car ahead in the ego's lane then (None: none in sight)
     speed_ahead_kmh: float | None
     lane_changes: int  # in the last LANE_CHANGES_S
+    # At the collision: how far the ego was from its lane's centre toward a side lane ("left"/"right"), and whether a
+    # car was alongside it (within ALONGSIDE_GAP_M lengthwise) in its own lane or in that one
+    toward_side_m: float = 0.0
+    side: str = "left"
+    car_alongside: bool = False
+    lane_changed_last_s: bool = False  # within the last BEFORE_S
     # With a critic: its value of the state BEFORE_S before the collision, and the discounted return that followed
     critic_value: float | None = None
     return_after: float | None = None
@@ -63,6 +78,12 @@ class Crash:
             self.gap_ahead_m is not None and self.gap_ahead_m < self.speed_kmh / 3.6 * BEFORE_S
             and self.speed_ahead_kmh < self.speed_kmh and self.lane_changes == 0
         )
+
+    @property
+    def side_swipe(self) -> bool:
+        """Into a car alongside, between two lanes (the ego's lane switches when it crosses the line between them);
+        a rear-end is not also counted as one."""
+        return not self.rear_end and self.car_alongside and (self.toward_side_m >= SIDE_SWIPE_OFFSET_M or self.lane_changed_last_s)
 
 
 @dataclass
@@ -97,6 +118,7 @@ def crashes(
         for seed in seeds:
             # (speed km/h, lane, gap ahead, speed ahead) of the last LANE_CHANGES_S, newest last
             seen = deque(maxlen=round(LANE_CHANGES_S * steps_per_second) + 1)
+            beside = []  # the last step's (offset toward a side lane, that side, a car alongside in either lane)
             values, rewards = [], []  # the critic's value of each observation; each step's reward
 
             def watch(obs, info):
@@ -104,6 +126,11 @@ def crashes(
                 leader = scene.leaders.get(0)
                 seen.append((scene.speed_mps * 3.6, scene.lane, leader and leader.gap_m,
                              leader and leader.speed_mps * 3.6))
+                offset_m = float(obs["vector"][3]) * LATERAL_SCALE_M  # > 0: left of the lane's centre
+                side = SIDES[0] if offset_m > 0 else SIDES[1]
+                near = [scene.leaders.get(lane) for lane in (0, side)] + [scene.followers.get(lane) for lane in (0, side)]
+                alongside = any(n is not None and n.gap_m < ALONGSIDE_GAP_M for n in near)
+                beside[:] = [abs(offset_m), "left" if side == SIDES[0] else "right", alongside]
                 if "reward_terms" in info:  # not after the reset
                     rewards.append(info["reward_terms"]["total"])
                 if critic is not None:
@@ -115,7 +142,8 @@ def crashes(
                 speed, _, gap, speed_ahead = seen[max(len(seen) - 1 - steps_per_second, 0)]
                 lanes = [lane for _, lane, _, _ in seen]
                 changes = sum(before != after for before, after in pairwise(lanes))
-                crash = Crash(seed, result.episode_length, speed, gap, speed_ahead, changes)
+                changed_last_s = len(set(lanes[-steps_per_second - 1:])) > 1
+                crash = Crash(seed, result.episode_length, speed, gap, speed_ahead, changes, *beside, changed_last_s)
                 if critic is not None:
                     before = max(len(rewards) - steps_per_second, 0)
                     crash.critic_value, crash.return_after = values[before], float(returns_after[before])
@@ -199,11 +227,15 @@ def main(argv: list[str] | None = None) -> None:
             f"car ahead {crash.gap_ahead_m:.1f} m at {crash.speed_ahead_kmh:.0f} km/h")
         expected = "" if crash.critic_value is None else (
             f"; critic {crash.critic_value:+.1f}, return that followed {crash.return_after:+.1f}")
+        beside = "a car alongside" if crash.car_alongside else "no car alongside"
         print(f"seed {crash.seed}: collision at step {crash.step}; {BEFORE_S:g} s before: {crash.speed_kmh:.0f} km/h, "
-              f"{ahead}; lane changes in the last {LANE_CHANGES_S:g} s: {crash.lane_changes}{expected}")
+              f"{ahead}; lane changes in the last {LANE_CHANGES_S:g} s: {crash.lane_changes}; at the collision "
+              f"{crash.toward_side_m:.1f} m toward the {crash.side} lane, {beside}{expected}")
     rear_end = sum(crash.rear_end for crash in report.crashes)
+    side_swipes = sum(crash.side_swipe for crash in report.crashes)
     print(f"collisions: {len(report.crashes)} of {report.episodes} episodes; rear-end (into a slower car ahead in the "
-          f"ego's lane, under {BEFORE_S:g} s away, no lane change for {LANE_CHANGES_S:g} s): {rear_end}")
+          f"ego's lane, under {BEFORE_S:g} s away, no lane change for {LANE_CHANGES_S:g} s): {rear_end}; side-swipes "
+          f"(at least {SIDE_SWIPE_OFFSET_M:g} m off the lane's centre, a car alongside): {side_swipes}")
     if report.crashes and args.critic:
         errors = [crash.critic_value - crash.return_after for crash in report.crashes]
         print(f"critic minus the return that followed, {BEFORE_S:g} s before a collision: mean {np.mean(errors):+.1f}")

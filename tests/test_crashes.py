@@ -28,7 +28,41 @@ def test_running_into_the_traffic_ahead_is_reported_as_rear_end_collisions():
     assert report.episodes == 2 and report.crashes, "full throttle in dense traffic should collide"
     for crash in report.crashes:
         assert crash.lane_changes == 0 and crash.gap_ahead_m is not None and crash.gap_ahead_m < 30.0
-        assert crash.speed_ahead_kmh < crash.speed_kmh and crash.rear_end
+        assert crash.speed_ahead_kmh < crash.speed_kmh and crash.rear_end and not crash.side_swipe
+
+
+class SwerveIntoTheCarBeside:
+    """Straight on until a car is alongside in a side lane, then steering hard into that lane."""
+
+    def reset(self, seed: int) -> None:
+        self.side = None
+
+    def act(self, observation, env) -> np.ndarray:
+        scene = env.scene()
+        for side in (-1, 1):
+            beside = scene.followers.get(side) or scene.leaders.get(side)
+            if self.side is None and beside is not None and beside.gap_m == 0.0:
+                self.side = side
+        return np.array([0.0 if self.side is None else 0.5 * self.side, 0.0], np.float32)  # steer > 0: right
+
+
+def test_swerving_into_a_car_alongside_is_reported_as_a_side_swipe():
+    config = EnvConfig(scenario=2, traffic_density=2.0, route_length_m=300.0, max_steps=80, num_waypoints=5)
+    report = crashes(config, SwerveIntoTheCarBeside(), [2, 4])
+    assert [crash.seed for crash in report.crashes] == [2, 4]
+    for crash, side in zip(report.crashes, ("right", "left"), strict=True):
+        # It crossed into the car's lane (from the right in seed 2) and hit it there: the lane changed in the last
+        # second, and the car is alongside in the ego's new lane.
+        assert crash.car_alongside and crash.lane_changed_last_s and crash.side == side
+        assert crash.side_swipe and not crash.rear_end
+
+
+def test_a_side_swipe_is_a_car_alongside_while_between_two_lanes_and_not_a_rear_end():
+    assert Crash(0, 10, 90.0, None, None, 1, 1.2, "left", True).side_swipe
+    assert Crash(0, 10, 90.0, None, None, 1, 0.4, "left", True, lane_changed_last_s=True).side_swipe
+    assert not Crash(0, 10, 90.0, None, None, 1, 0.4, "left", True).side_swipe  # near its lane's centre
+    assert not Crash(0, 10, 90.0, None, None, 1, 1.2, "left", False).side_swipe  # no car alongside
+    assert not Crash(0, 10, 90.0, 20.0, 70.0, 0, 1.2, "left", True).side_swipe  # a rear-end
 
 
 def test_only_a_collision_into_a_slower_car_close_ahead_without_a_lane_change_is_rear_end():
