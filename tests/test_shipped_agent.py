@@ -196,6 +196,11 @@ def shipped_agent(name: str) -> tuple[TD3, EnvConfig]:
     return agent, EnvConfig(**agent.trained_env)
 
 
+def generalist_cells(trained_env: EnvConfig) -> dict[str, EnvConfig]:
+    """The env of each cell of configs/grids/generalist.yaml, by name, over the env an agent was trained on."""
+    return {cell.name: cell.env for cell in read_grid(ROOT / "configs/grids/generalist.yaml", trained_env)}
+
+
 @pytest.mark.parametrize("name", SHIPPED_AGENTS)
 def test_the_shipped_agent_is_small_and_describes_the_task_its_recipe_trains(name):
     path = ROOT / "agents" / f"{name}.ckpt"
@@ -333,8 +338,7 @@ def test_the_shipped_asymmetric_agents_drive_without_reading_the_other_cars(name
     agent, env_config = shipped_agent(name)
     assert agent.hparams.critic_only_vector == len(no_car)
     if cell is not None:
-        cells = read_grid(ROOT / "configs/grids/generalist.yaml", env_config)
-        env_config = next(each.env for each in cells if each.name == cell)
+        env_config = generalist_cells(env_config)[cell]
     seeds = [50000, 50001]
     blind_policy = _WithoutOtherCars(agent.policy(), no_car)
     with torch.no_grad():
@@ -384,7 +388,7 @@ def test_the_generalist_slows_down_in_dense_traffic_and_drives_both_ends_of_its_
     traffic is (measured over 100 held-out episodes each: 88.8 and 60.4 km/h; IDM+MOBIL 83.8 and 59.6)."""
     agent, trained_env = shipped_agent("generalist")
     assert trained_env.varying  # trained on the ranges, not on a cell
-    cells = {cell.name: cell.env for cell in read_grid(ROOT / "configs/grids/generalist.yaml", trained_env)}
+    cells = generalist_cells(trained_env)
     seeds = [50000, 50001]
     speeds = {}
     with torch.no_grad():
