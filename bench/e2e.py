@@ -53,7 +53,7 @@ def fit_config(args, env: dict, vector_size: int, folder: str) -> dict:
             "vector_size": vector_size, "log_every_n_updates": 100, "log_images_every_n_updates": 10**9,
             **learner_options(args)}},
         "data": {"num_envs": args.num_envs, "buffer_capacity": args.buffer_size, "batch_size": args.batch_size,
-                 "eval_episodes": 1, "sample_on_device": args.sample_on_device, "env": env},
+                 "eval_episodes": 1, "sample_on_device": args.sample_on_device or None, "env": env},
     }
 
 
@@ -100,7 +100,8 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--buffer-size", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
     add_learner_options(parser)
-    parser.add_argument("--sample-on-device", action="store_true", help="data.sample_on_device, CUDA")
+    parser.add_argument("--sample-on-device", action="store_true",
+                        help="data.sample_on_device true (without: as a fit chooses, on CUDA where the copy fits)")
 
 
 def main() -> None:

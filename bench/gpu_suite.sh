@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 6 (performance vs Stable-Baselines3) in one command, at most 8 minutes
+# Every GPU measurement of the learner against Stable-Baselines3 in one command, at most 8 minutes
 # (BUDGET_S) on one H100 with 16 cores; everything it prints also lands in $OUT/suite.txt.
 #   here, once:  bash bench/gpu_wheels.sh                      (the device image lacks gymnasium, highway-env, SB3 ...)
 #   device:      bash bench/gpu_suite.sh                       (run tool: carry [".whl"], timeout_s 600)
@@ -45,21 +45,30 @@ step info 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --
   \"lightning\", pytorch_lightning.__version__, \"sb3\", stable_baselines3.__version__, \"cuda\", torch.cuda.is_available())'"
 # Most important first: a step that no longer fits the budget is skipped, not cut.
 if [ "$DEVICE" = cuda ]; then  # model.cuda_graph and data.sample_on_device are refused on a CPU: GPU steps only
-  # Correctness of the graphed update against the eager one and of sampling on the GPU against the host's, then
-  # the speed of both together against SB3's (issue 6's learner target), then the graphed update alone (the eager
-  # fixed-batch anchor: 106.7 updates/s on one H100).
+  # Correctness of the graphed update against the eager one and of sampling on the GPU against the host's, then the
+  # learner's own choice for one GPU (graphs, bf16 CNNs in channels-last, sampling on the GPU) against SB3, end to
+  # end, and its parts in float32 (--no-speedups): the graphs with sampling on the GPU, the graphed update alone
+  # against the eager one (one fixed batch), and the former default (eager, batches copied from the host).
   step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-  step learner_graph_device_sampling 120 python3 bench/learner.py $LEARNER --cuda-graph --sample-on-device
-  step learner_cuda_graph 80 python3 bench/learner.py $LEARNER --skip-sb3 --fixed-batch --cuda-graph
-  step e2e_graph_device_sampling 180 python3 bench/e2e.py $E2E --cuda-graph --sample-on-device
+  step learner 120 python3 bench/learner.py $LEARNER
+  step e2e 180 python3 bench/e2e.py $E2E
+  step learner_float32_graph_device_sampling 120 python3 bench/learner.py $LEARNER --no-speedups --cuda-graph \
+    --sample-on-device
+  step learner_float32_cuda_graph 80 python3 bench/learner.py $LEARNER --skip-sb3 --no-speedups --fixed-batch \
+    --cuda-graph
+  step learner_float32_eager 80 python3 bench/learner.py $LEARNER --skip-sb3 --no-speedups --fixed-batch
+  step learner_float32_eager_host_sampling 120 python3 bench/learner.py $LEARNER --no-speedups --host-sampling
   step overlap 150 python3 bench/overlap.py --device cuda --num-envs 14 --learning-starts 1000 --updates 3000 \
-    --batch-size 256 --cuda-graph --sample-on-device --rounds 1
+    --batch-size 256 --rounds 1
+  step collect 120 python3 bench/collect.py $COLLECT
+  step learner_compile 150 python3 bench/learner.py $LEARNER --no-speedups --channels-last --bf16-cnn --compile
+else
+  step learner 100 python3 bench/learner.py $LEARNER
+  step collect 120 python3 bench/collect.py $COLLECT
+  step e2e 180 python3 bench/e2e.py $E2E
+  step learner_fixed_batch 80 python3 bench/learner.py $LEARNER --skip-sb3 --fixed-batch
+  step learner_float32 100 python3 bench/learner.py $LEARNER --no-speedups
+  step learner_compile 150 python3 bench/learner.py $LEARNER --no-speedups --channels-last --bf16-cnn --compile
 fi
-step learner 100 python3 bench/learner.py $LEARNER
-step collect 120 python3 bench/collect.py $COLLECT
-step e2e 180 python3 bench/e2e.py $E2E
-step learner_fixed_batch 80 python3 bench/learner.py $LEARNER --skip-sb3 --fixed-batch
-step learner_channels_last_bf16 100 python3 bench/learner.py $LEARNER --channels-last --bf16-cnn
-step learner_compile 150 python3 bench/learner.py $LEARNER --channels-last --bf16-cnn --compile
 step learner_cpu 90 python3 bench/learner.py $LEARNER_CPU
 echo "== done in $SECONDS s"

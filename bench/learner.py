@@ -2,13 +2,14 @@
 
     python bench/learner.py [--device cpu|cuda] [--rounds 3] [--updates 30] [--batch-size 256]
                             [--no-speedups] [--compile] [--bf16-cnn] [--channels-last] [--cuda-graph] [--skip-sb3]
-                            [--fixed-batch | --sample-on-device]
+                            [--fixed-batch | --sample-on-device | --host-sampling]
 
 Both learners do the same update (batch 256, twin critics and an actor with separate NatureCNNs of 512
 features, heads 256-256, policy delay 2) on image 4x84x84 uint8 + vector (our env's size) observations:
 - ours: the real `TD3.training_step` under a Lightning Trainer, fed by the real `ReplayStream` sampling our
-  `ReplayBuffer` (pinned and copied to the device every update on CUDA, as in a fit; with --sample-on-device,
-  gathered on the device from the buffer's copy there, as `data.sample_on_device` does);
+  `ReplayBuffer`, its batches gathered where a fit's `data.sample_on_device` would gather them by default (on CUDA:
+  on the device, from the buffer's copy there; --host-sampling: on the host, pinned and copied to the device every
+  update; --sample-on-device insists on the device);
 - SB3: `TD3("MultiInputPolicy", share_features_extractor=False)`'s own `train()`, sampling its own
   `DictReplayBuffer` (SB3 does not clip gradients; ours also clips both, norm 10).
 Both buffers hold the same synthetic transitions. The two alternate in rounds (so a neighbour's load on a shared
@@ -34,7 +35,7 @@ from common import (
     sb3_td3_kwargs, synchronize, synthetic_steps,
 )
 from datamodules.replay import ReplayStream
-from lightning_td3.device_replay import DeviceReplay
+from lightning_td3.device_replay import device_replay_for
 from lightning_td3.envs import EnvConfig
 from lightning_td3.replay import ReplayBuffer
 from lightning_td3.td3 import TD3
@@ -122,9 +123,14 @@ def main() -> None:
     parser.add_argument("--fixed-batch", action="store_true",
                         help="feed ours one sampled batch over and over (still copied to the device each update): "
                              "the update alone, without replay sampling; use with --skip-sb3")
-    parser.add_argument("--sample-on-device", action="store_true",
-                        help="ours samples from a copy of the replay on the device (data.sample_on_device)")
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument("--sample-on-device", action="store_true",
+                          help="ours samples from a copy of the replay on the device (data.sample_on_device true)")
+    sampling.add_argument("--host-sampling", action="store_true",
+                          help="ours samples on the host and copies each batch over (data.sample_on_device false)")
     args = parser.parse_args()
+    if args.device == "cpu" and (args.sample_on_device or args.cuda_graph):
+        parser.error("--sample-on-device and --cuda-graph need --device cuda")
     args.updates = args.updates or (500 if args.device == "cuda" else 30)
     args.warmup = args.warmup or (50 if args.device == "cuda" else 4)
     sys.stdout.reconfigure(line_buffering=True)
@@ -144,10 +150,12 @@ def main() -> None:
 
         sb3_model.set_logger(Logger(folder=None, output_formats=[]))
     buffer = filled_buffers(args.transitions, vector_size, sb3_model and sb3_model.replay_buffer, seed=0)
-    source = DeviceReplay(buffer, args.device) if args.sample_on_device else buffer
-    stream = ReplayStream(source, args.batch_size, np.random.default_rng(1))
+    # A fixed batch is gathered once, on the host, and copied over every update: the update and its input copy.
+    requested = True if args.sample_on_device else False if args.host_sampling or args.fixed_batch else None
+    device_replay = device_replay_for(buffer, torch.device(args.device), requested)
+    stream = ReplayStream(device_replay or buffer, args.batch_size, np.random.default_rng(1))
     loader = DataLoader(stream, batch_size=None, num_workers=0,
-                        pin_memory=args.device == "cuda" and not args.sample_on_device)
+                        pin_memory=args.device == "cuda" and device_replay is None)
     if args.fixed_batch:
         loader = itertools.repeat(next(iter(loader)))
     options = learner_options(args)
@@ -157,7 +165,7 @@ def main() -> None:
     print(f"device: {device_name(args.device)}; batch {args.batch_size}; {args.rounds} rounds x {args.updates} "
           f"timed updates ({args.warmup} warm-up); TD3 options: {options or 'defaults'} -> CNNs: {chosen}"
           + ("; ours on one fixed batch (no replay sampling)" if args.fixed_batch else "")
-          + ("; ours samples on the device" if args.sample_on_device else ""))
+          + ("; ours samples on the device" if device_replay is not None else ""))
     ours_rates, sb3_rates = [], []
     for round_index in range(args.rounds):
         ours_rates.append(time_ours(module, loader, args))

@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_td3.device_replay import DeviceReplay
+from lightning_td3.device_replay import DeviceReplay, device_replay_for
 from lightning_td3.envs import EnvConfig
 from lightning_td3.envs.carla_servers import ring_servers, training_envs
 from lightning_td3.errors import CheckpointError, require
@@ -70,6 +70,7 @@ class ReplayDataModule(pl.LightningDataModule):
             sampled places cross to the GPU, not 14 MB of pixels per batch of 256. The batches are the same as
             without; the copy takes the buffer's size again in device memory (about 7.3 GB for 1M transitions),
             allocated at setup, before any env runs. On a CPU it would only double the replay's memory: refused there.
+            None: on a CUDA device where the copy takes at most half of its free memory (logged).
         replay_files_kept: replay files each rank keeps besides its newest, those of the states checkpointed
             before it: a kill while the newest state's checkpoints are written leaves `last.ckpt` pointing at the one
             before. Replay is saved in its own file per rank (`replay/` next to the checkpoints); a checkpoint whose
@@ -87,7 +88,7 @@ class ReplayDataModule(pl.LightningDataModule):
         eval_seed: int = 10_000,
         test_seed: int = 20_000,
         pin_memory: bool | None = None,
-        sample_on_device: bool = False,
+        sample_on_device: bool | None = None,
         replay_files_kept: int = 1,
     ):
         super().__init__()
@@ -135,10 +136,7 @@ class ReplayDataModule(pl.LightningDataModule):
                 self.buffer_capacity, len(self.env_configs), self.env.vector_size, n_step=self.n_step
             )
             self._sampler_rng = stream_rng("replay_sampler", self._rank())
-            if self.sample_on_device:
-                device = self.trainer.strategy.root_device
-                require(device.type != "cpu", "data.sample_on_device", "false when training on a CPU", True)
-                self.device_replay = DeviceReplay(self.buffer, device)
+            self.device_replay = device_replay_for(self.buffer, self._device(), self.sample_on_device)
 
     def train_dataloader(self) -> DataLoader:
         on_device = self.device_replay is not None
@@ -256,3 +254,6 @@ class ReplayDataModule(pl.LightningDataModule):
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
+
+    def _device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")

@@ -14,7 +14,9 @@ import math
 import numpy as np
 import torch
 
-from lightning_td3.errors import ConfigError
+from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_td3.errors import ConfigError, require
 from lightning_td3.replay import ReplayBuffer, gather_transitions
 
 # The parts of the storage a batch is gathered from (which slots are valid is decided on the host), and the dtype
@@ -28,6 +30,36 @@ COPIED = {
 }
 
 
+def device_replay_for(buffer: ReplayBuffer, device: torch.device, requested: bool | None) -> DeviceReplay | None:
+    """The copy of `buffer` that `data.sample_on_device` asks for on the training `device`, or None (sampling on the
+    host). True: a copy, refused on a CPU, where it would only double the replay's memory. None: a copy on a CUDA
+    device where it takes at most half of the memory free there (batches are the same either way; the rest is left
+    to the networks and other processes). The choice is logged."""
+    if requested is False or (requested is None and device.type != "cuda"):
+        return None
+    require(device.type != "cpu", "data.sample_on_device", "false when training on a CPU", requested)
+    needed = copy_bytes(buffer)
+    if requested is None:
+        free = torch.cuda.mem_get_info(device)[0]
+        if needed > free / 2:
+            rank_zero_info(
+                f"Replay batches gathered on the host: a copy on {device} ({needed / 1e9:.1f} GB) would take more "
+                f"than half of its {free / 1e9:.1f} GB free (data.sample_on_device true insists)"
+            )
+            return None
+    rank_zero_info(
+        f"Replay batches gathered on {device} from a {needed / 1e9:.1f} GB copy of the replay there "
+        "(data.sample_on_device false keeps them on the host)"
+    )
+    return DeviceReplay(buffer, device)
+
+
+def copy_bytes(buffer: ReplayBuffer) -> int:
+    """Device memory a `DeviceReplay` of `buffer` allocates."""
+    arrays = buffer.storage()
+    return sum(math.prod(arrays[name].shape) * dtype.itemsize for name, dtype in COPIED.items())
+
+
 class DeviceReplay:
     """A copy of `buffer`'s storage on `device`, from which `sample` gathers batches there.
 
@@ -38,16 +70,16 @@ class DeviceReplay:
     def __init__(self, buffer: ReplayBuffer, device: torch.device | str):
         self.buffer = buffer
         self.device = torch.device(device)
-        shapes = {name: array.shape for name, array in self._copied_arrays().items()}
         try:
             self.storage = {
-                name: torch.zeros(shape, dtype=COPIED[name], device=self.device) for name, shape in shapes.items()
+                name: torch.zeros(array.shape, dtype=COPIED[name], device=self.device)
+                for name, array in self._copied_arrays().items()
             }
         except torch.OutOfMemoryError as error:
-            gigabytes = sum(math.prod(shape) * COPIED[name].itemsize for name, shape in shapes.items()) / 1e9
             raise ConfigError(
-                f"data.sample_on_device: the replay copy ({buffer.capacity:,} transitions, about {gigabytes:.1f} GB) "
-                f"does not fit on {self.device}; lower data.buffer_capacity or set data.sample_on_device false"
+                f"data.sample_on_device: the replay copy ({buffer.capacity:,} transitions, about "
+                f"{copy_bytes(buffer) / 1e9:.1f} GB) does not fit on {self.device}; lower data.buffer_capacity or set "
+                "data.sample_on_device false"
             ) from error
         self._generation = None  # the buffer's storage generation the copy holds
         self._written = buffer.written  # the buffer's slots written per ring when the copy was last brought up

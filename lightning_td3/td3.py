@@ -82,15 +82,19 @@ def smoothed_target_action(
     return (target_action + noise).clamp(-1.0, 1.0)
 
 
-def fast_settings(device: torch.device) -> dict[str, bool]:
+def fast_settings(device: torch.device, graph_fits: bool = True) -> dict[str, bool]:
     """The learner settings `TD3(speedups=True)` turns on for `device`: those measured faster there
     (`bench/learner.py`) that leave what is learned unchanged (docs/performance.md).
 
-    A CPU with bf16 arithmetic (AVX512-BF16 or AMX): bf16 CNNs in channels-last. Elsewhere on a CPU bf16 is emulated,
-    and on CUDA nothing is chosen until measured there.
+    A CPU with bf16 arithmetic (AVX512-BF16 or AMX): bf16 CNNs in channels-last. Elsewhere on a CPU bf16 is emulated.
+    A CUDA device where the update's graphs fit (`graph_fits`: one device, a float32 trainer, no `compile`): the
+    update replayed from CUDA graphs, with bf16 CNNs in channels-last inside them. Where they do not fit, nothing:
+    the eager update is bound by the host's kernel launches, and bf16 was measured faster only inside the graphs.
     """
-    if device.type == "cpu" and _cpu_has_bf16():
-        return {"bf16_cnn": True, "channels_last": True}
+    if device.type == "cpu":
+        return {"bf16_cnn": True, "channels_last": True} if _cpu_has_bf16() else {}
+    if device.type == "cuda" and graph_fits:
+        return {"bf16_cnn": True, "channels_last": True, "cuda_graph": True}
     return {}
 
 
@@ -142,9 +146,9 @@ class TD3(DrivingModule):
         log_every_n_updates: how often losses, Q statistics and grad norms are logged.
         log_images_every_n_updates: how often camera stacks, histograms and CNN feature statistics are logged.
         speedups: let the learner pick, for the device it runs on, the settings measured faster there without
-            changing what is learned (`fast_settings`, docs/performance.md); `channels_last` and `bf16_cnn` left
-            at None follow it. False: float32 CNNs in the default layout unless those two say otherwise. The
-            choice is logged when the module is set up.
+            changing what is learned (`fast_settings`, docs/performance.md); `channels_last`, `bf16_cnn` and
+            `cuda_graph` left at None follow it. False: the eager float32 update in the default layout unless those
+            three say otherwise. The choice is logged when the module is set up.
         channels_last: keep conv weights (and so activations) channels-last, the layout fast conv kernels want.
             None: as `speedups` chooses.
         compile: `torch.compile` the CNNs and heads (the first updates pay for compilation; not chosen by
@@ -170,6 +174,7 @@ class TD3(DrivingModule):
         cuda_graph: record the whole update (forward, backward, clipping, Adam, Polyak, skip counters) as CUDA
             graphs after a few eager warm-up updates and replay them: a handful of host calls per update instead
             of hundreds of kernel launches. One CUDA device only; not with `compile` or mixed-precision trainers.
+            None: as `speedups` chooses (on where it can serve); True where it cannot is refused.
     """
 
     # The counters of `progress` as the module's own attributes: the Collector's `CollectingModule` contract.
@@ -199,7 +204,7 @@ class TD3(DrivingModule):
         compile: bool = False,
         bf16_cnn: bool | None = None,
         max_nonfinite_updates: int = 100,
-        cuda_graph: bool = False,
+        cuda_graph: bool | None = None,
         image_shift: int = 0,
         lr_decay_updates: int = 0,
         final_lr_fraction: float = 0.1,
@@ -252,6 +257,8 @@ class TD3(DrivingModule):
         # On the device so that an update never waits for the host; not in the state_dict (saved as td3_progress).
         self.register_buffer("skip_record", nonfinite.new_record(), persistent=False)
         self._graphed_update: GraphedUpdate | None = None
+        # Whether fit replays the update from CUDA graphs: `cuda_graph` as resolved for the trainer by `setup`.
+        self.graphs_update = False
         # Loaded from an exported actor: the critics are as built, untrained, and have nothing to say.
         self.actor_only = False
         # The env's `camera` the networks learned from: set by fit, kept in checkpoints and exports (None: unknown,
@@ -278,19 +285,24 @@ class TD3(DrivingModule):
         if env is not None and stage == "fit":
             # A resumed checkpoint's records replace these (and its camera is checked).
             self.trained_camera, self.trained_env = env.camera, env.settings()
-        self.use_learner_settings(self.trainer.strategy.root_device)
+        misfit = self._cuda_graph_misfit()
+        if self.hparams.cuda_graph and stage == "fit":
+            require(misfit is None, "model.cuda_graph", f"false {misfit}", True)
+        chosen = self.use_learner_settings(self.trainer.strategy.root_device, graph_misfit=misfit)
+        self.graphs_update = chosen["cuda_graph"] and stage == "fit"
         if isinstance(self.trainer.strategy, DDPStrategy):
             _let_ddp_find_unused_parameters(self.trainer.strategy)
-        if self.hparams.cuda_graph and stage == "fit":
-            self._check_cuda_graph_fits()
 
-    def use_learner_settings(self, device: torch.device) -> dict[str, bool]:
-        """Set the CNNs' precision and layout for `device` (what `speedups` picks there, unless `bf16_cnn` or
-        `channels_last` say), log the choice and return it."""
+    def use_learner_settings(self, device: torch.device, graph_misfit: str | None = None) -> dict[str, bool]:
+        """Set the CNNs' precision and layout for `device` (what `speedups` picks there, unless `bf16_cnn`,
+        `channels_last` or `cuda_graph` say), log the choice and return it. `graph_misfit`: why the update's CUDA
+        graphs cannot serve the trainer (`_cuda_graph_misfit`), None where they can."""
         hp = self.hparams
-        fast = fast_settings(device) if hp.speedups else {}
+        graph_fits = graph_misfit is None and hp.cuda_graph is not False and not hp.compile
+        fast = fast_settings(device, graph_fits) if hp.speedups else {}
         chosen = {
-            name: bool(fast.get(name, False)) if hp[name] is None else hp[name] for name in ("bf16_cnn", "channels_last")
+            name: bool(fast.get(name, False)) if hp[name] is None else hp[name]
+            for name in ("bf16_cnn", "channels_last", "cuda_graph")
         }
         layout = torch.channels_last if chosen["channels_last"] else torch.contiguous_format
         for network in (self.actor, self.critic, self.actor_target, self.critic_target):
@@ -298,9 +310,14 @@ class TD3(DrivingModule):
             network.to(memory_format=layout)
         on = [name for name, value in chosen.items() if value]
         picked = any(hp[name] is None and fast.get(name) for name in chosen)
+        eager_why = (
+            f" (the update stays eager {graph_misfit})"
+            if hp.speedups and device.type == "cuda" and graph_misfit is not None and hp.cuda_graph is None else ""
+        )
         rank_zero_info(
-            f"TD3 learner on {device.type}: {', '.join(on) if on else 'float32 CNNs, default layout'}"
+            f"TD3 learner on {device.type}: {', '.join(on) if on else 'float32 CNNs, default layout, eager update'}"
             + (f" (chosen by model.speedups for this {device.type}; false turns them off)" if picked else "")
+            + eager_why
         )
         return chosen
 
@@ -310,7 +327,7 @@ class TD3(DrivingModule):
         td3_checkpoint.require_attached_env(self)
         # Fused Adam (one kernel for all parameters) exists for CUDA and CPU tensors alike. Capturable: its step
         # may be recorded in a CUDA graph (model.cuda_graph); its step counts live on the device either way.
-        capturable = self.hparams.cuda_graph
+        capturable = self.graphs_update
         return (
             torch.optim.Adam(self.actor.parameters(), lr=self.hparams.actor_lr, fused=True, capturable=capturable),
             torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, fused=True, capturable=capturable),
@@ -326,8 +343,13 @@ class TD3(DrivingModule):
                 for group in optimizer.optimizer.param_groups:
                     group["lr"] = torch.empty((), dtype=torch.float32, device=self.device)
             self._decay_learning_rates(self.updates)
+        # A resumed optimizer state brings the capturable flag of the fit that wrote it (false from a CPU fit, which a
+        # graph cannot record): this fit's own applies.
+        for optimizer in self.optimizers():
+            for group in optimizer.optimizer.param_groups:
+                group["capturable"] = self.graphs_update
         # Graphs hold this fit's optimizer state and parameters: recorded afresh in every fit (after a resume too).
-        self._graphed_update = GraphedUpdate(self._update, self.optimizers()) if self.hparams.cuda_graph else None
+        self._graphed_update = GraphedUpdate(self._update, self.optimizers()) if self.graphs_update else None
 
     def training_step(self, dataloader_iter: Iterator) -> None:
         hp = self.hparams
@@ -474,21 +496,24 @@ class TD3(DrivingModule):
             for group in optimizer.optimizer.param_groups:
                 group["lr"].fill_(start_lr * fraction)
 
-    def _check_cuda_graph_fits(self) -> None:
-        """model.cuda_graph serves one CUDA device in full precision; say so before anything runs otherwise."""
+    def _cuda_graph_misfit(self) -> str | None:
+        """Why the update's CUDA graphs cannot serve this trainer (they serve one CUDA device in full precision),
+        worded to follow 'model.cuda_graph must be false'; None where they can."""
         trainer = self.trainer
         device = trainer.strategy.root_device
-        require(device.type == "cuda", "model.cuda_graph", "false on a CPU (it needs trainer.accelerator: gpu)", True)
-        require(
-            trainer.world_size == 1 and not isinstance(trainer.strategy, DDPStrategy), "model.cuda_graph",
-            f"false under trainer.strategy {type(trainer.strategy).__name__} with {trainer.world_size} processes "
-            "(its graphs serve one device; DDP runs the eager update)", True,
-        )
-        require(
-            str(trainer.precision) in ("32-true", "32"), "model.cuda_graph",
-            f"false with trainer.precision {trainer.precision} (its autocast cache cannot be recorded in a graph; "
-            "model.bf16_cnn can)", True,
-        )
+        if device.type != "cuda":
+            return f"on {'a CPU' if device.type == 'cpu' else device.type} (it needs trainer.accelerator: gpu)"
+        if trainer.world_size != 1 or isinstance(trainer.strategy, DDPStrategy):
+            return (
+                f"under trainer.strategy {type(trainer.strategy).__name__} with {trainer.world_size} processes "
+                "(its graphs serve one device; DDP runs the eager update)"
+            )
+        if str(trainer.precision) not in ("32-true", "32"):
+            return (
+                f"with trainer.precision {trainer.precision} (its autocast cache cannot be recorded in a graph; "
+                "model.bf16_cnn can)"
+            )
+        return None
 
 
 class _ActorPolicy:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from pytorch_lightning.profilers import PassThroughProfiler
 
 from datamodules.replay import ReplayDataModule
@@ -132,7 +133,8 @@ def test_no_answering_server_is_one_error_naming_them_all(fake_servers):
 def test_the_datamodule_builds_this_process_envs_and_replay_from_its_live_servers(fake_servers):
     fake_servers(("sim-a", 2000), ("sim-a", 2002), ("sim-c", 2000))  # sim-b (process 1's first) is dead
     data = ReplayDataModule(env=carla_env(), num_envs=2, buffer_capacity=100, eval_episodes=2)
-    data.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    cpu = SimpleNamespace(root_device=torch.device("cpu"))
+    data.trainer = SimpleNamespace(global_rank=1, world_size=2, strategy=cpu)
     with pytest.warns(UserWarning, match="sim-b:2000"):
         data.setup("fit")
     assert [(c.carla.host, c.carla.port, c.carla.tm_port, c.carla.servers) for c in data.env_configs] == [
@@ -168,8 +170,9 @@ def carla_data(servers=TWO_SERVERS, root=None) -> ReplayDataModule:
     env = EnvConfig(backend="carla", route_length_m=100.0, num_waypoints=5,
                     carla={"servers": servers, "timeout_s": 0.5, "npc_vehicles": (0, 0, 0)})
     data = ReplayDataModule(env=env, num_envs=2, buffer_capacity=200, eval_episodes=1)
+    strategy = SimpleNamespace(broadcast=lambda obj, src: obj, root_device=torch.device("cpu"))
     data.trainer = SimpleNamespace(global_rank=0, world_size=1, checkpoint_callback=None, default_root_dir=str(root),
-                                   ckpt_path=None, strategy=SimpleNamespace(broadcast=lambda obj, src: obj))
+                                   ckpt_path=None, strategy=strategy)
     data.setup("fit")
     return data
 

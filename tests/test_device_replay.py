@@ -7,12 +7,14 @@ The copy works on any torch device, so its bookkeeping (which slots changed, rel
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import pytest
 import torch
 
-from lightning_td3.device_replay import COPIED, DeviceReplay
+import lightning_td3.device_replay as device_replay_module
+from lightning_td3.device_replay import COPIED, DeviceReplay, copy_bytes, device_replay_for
 from lightning_td3.errors import ConfigError
 from lightning_td3.replay import ReplayBuffer
 from tests.test_replay import VECTOR_SIZE, collect
@@ -97,3 +99,27 @@ def test_a_copy_too_big_for_the_device_is_refused_naming_the_setting(monkeypatch
     monkeypatch.setattr(torch, "zeros", out_of_memory)
     with pytest.raises(ConfigError, match="data.sample_on_device: the replay copy .* does not fit on cpu"):
         DeviceReplay(ReplayBuffer(capacity=1000, num_envs=2, vector_size=VECTOR_SIZE), "cpu")
+
+
+def test_by_default_the_copy_is_made_on_a_cuda_device_only_where_it_takes_at_most_half_its_free_memory(
+    monkeypatch, caplog
+):
+    """data.sample_on_device's default. The copy's allocation is the test above's; here only where it is made, so
+    the class is replaced by a recorder and CUDA's free memory is set."""
+    buffer = ReplayBuffer(capacity=1000, num_envs=2, vector_size=VECTOR_SIZE)
+    needed = copy_bytes(buffer)
+    assert needed == sum(storage.nbytes for storage in DeviceReplay(buffer, "cpu").storage.values())
+    made = []
+    monkeypatch.setattr(device_replay_module, "DeviceReplay", lambda buffer, device: made.append(device) or "copy")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert device_replay_for(buffer, cpu, None) is None and device_replay_for(buffer, cuda, False) is None
+    with pytest.raises(ConfigError, match="data.sample_on_device must be false when training on a CPU; got True"):
+        device_replay_for(buffer, cpu, True)
+    for free, expected in ((2 * needed - 1, None), (2 * needed, "copy")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 4 * needed))
+        with caplog.at_level(logging.INFO):
+            caplog.clear()
+            assert device_replay_for(buffer, cuda, None) == expected
+        where = "on cuda from a" if expected else "on the host: a copy on cuda"
+        assert f"Replay batches gathered {where}" in caplog.text
+    assert made == [cuda]

@@ -12,7 +12,10 @@ pytestmark = pytest.mark.gpu
 
 
 def test_fit_on_gpu_then_act_on_cpu(tmp_path):
-    fit(tmp_path, "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--data.pin_memory", "true")
+    result = fit(tmp_path, "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--data.pin_memory", "true")
+    # The defaults on one GPU: the graphed update with bf16 CNNs, batches gathered from the replay's copy there.
+    assert result.model.graphs_update and result.model._graphed_update.graphs
+    assert result.model.critic.cnn.bf16 and result.datamodule.device_replay is not None
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["td3_progress"]["updates"] == 6
     assert checkpoint["td3_progress"]["rng"]["cuda"], "the CUDA RNG state must be saved for an exact resume"
@@ -103,10 +106,12 @@ def test_cuda_graph_update_matches_the_eager_update(speedups, monkeypatch):
                 torch.testing.assert_close(param_state[key], eager_state[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
-def test_cuda_graph_fit_resumes_from_its_checkpoint(tmp_path):
-    """A graphed run checkpoints capturable Adam state; the resumed fit records its graphs afresh and goes on."""
+@pytest.mark.parametrize("first_fit", ["gpu", "cpu"])
+def test_cuda_graph_fit_resumes_from_its_checkpoint(tmp_path, first_fit):
+    """A graphed run checkpoints capturable Adam state, a CPU run Adam state that is not; either way the resumed
+    graphed fit records its graphs afresh and goes on."""
     graph = ("--trainer.accelerator", "gpu", "--trainer.devices", "1", "--model.init_args.cuda_graph", "true")
-    fit(tmp_path, *graph)
+    fit(tmp_path, *(graph if first_fit == "gpu" else ("--trainer.accelerator", "cpu")))
     first = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     result = fit(tmp_path, *graph, "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"),
                  **{"trainer.max_epochs": 2})

@@ -167,3 +167,23 @@ def test_after_a_sigkill_resume_starts_from_exactly_the_last_checkpoint(tmp_path
     assert state["collector_rng"] == checkpoint["callbacks"]["Collector"]["per_process"][0]["rng"], where
     assert state["sampler_rng"] == extra["sampler_rng"], where
     assert_same_tree(replay, state["replay"], f"replay {where}")
+
+
+def test_a_resumed_fit_uses_its_own_adam_capturable_flag_not_the_checkpoints(tmp_path):
+    """Adam's `capturable` is saved with its state and comes back with it: a checkpoint of a graphed GPU fit (true)
+    resumed on a CPU must step eagerly (false), and a CPU checkpoint (false) resumed with graphs must be recordable
+    (true; tests/test_gpu.py resumes one on a GPU)."""
+    fit(tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    for optimizer_state in checkpoint["optimizer_states"]:
+        assert not any(group["capturable"] for group in optimizer_state["param_groups"])
+        for group in optimizer_state["param_groups"]:
+            group["capturable"] = True  # as a graphed GPU fit writes it
+    torch.save(checkpoint, last)
+    result = fit(tmp_path, "--ckpt_path", str(last), **{"trainer.max_epochs": 2})
+    assert [group["capturable"] for optimizer in result.trainer.optimizers for group in optimizer.param_groups] == [
+        False, False
+    ]
+    resumed = torch.load(last, map_location="cpu", weights_only=True)
+    assert resumed["td3_progress"]["updates"] == 12

@@ -499,13 +499,40 @@ def test_speedups_pick_bf16_channels_last_only_where_the_cpu_has_bf16_and_say_so
         caplog.clear()
         with caplog.at_level(logging.INFO):
             chosen = module.use_learner_settings(cpu)
-        assert chosen == {"bf16_cnn": fast, "channels_last": fast}, name
+        assert chosen == {"bf16_cnn": fast, "channels_last": fast, "cuda_graph": False}, name
         for network in (module.actor, module.critic, module.actor_target, module.critic_target):
             assert network.cnn.bf16 is fast, name
             assert network.cnn.convs[0].weight.is_contiguous(memory_format=torch.channels_last) is fast, name
         assert ("TD3 learner on cpu: bf16_cnn, channels_last" if fast else "float32 CNNs") in caplog.text, name
         # The switch is named where the learner chose by itself.
         assert ("chosen by model.speedups" in caplog.text) is (native_bf16 and name == "defaults"), name
+
+
+def test_on_cuda_speedups_choose_the_graphed_update_with_bf16_cnns_only_where_the_graphs_fit(caplog):
+    """On a CUDA device bf16 + channels-last were measured faster inside the update's CUDA graphs only: where the
+    graphs cannot serve (several processes, a mixed-precision trainer, compile, cuda_graph false) nothing is chosen,
+    and the log says why the update stays eager. The choice itself needs no GPU: nothing is moved there."""
+    cuda = torch.device("cuda")
+    ddp = "under trainer.strategy DDPStrategy with 2 processes (its graphs serve one device; DDP runs the eager update)"
+    cases = {
+        "defaults": ({}, None, True),
+        "several processes": ({}, ddp, False),
+        "compile": ({"compile": True}, None, False),
+        "graphs switched off": ({"cuda_graph": False}, None, False),
+        "switched off": ({"speedups": False}, None, False),
+    }
+    for name, (options, misfit, fast) in cases.items():
+        module = TD3(vector_size=VECTOR, hidden_sizes=(32,), **options)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            chosen = module.use_learner_settings(cuda, graph_misfit=misfit)
+        assert chosen == {"bf16_cnn": fast, "channels_last": fast, "cuda_graph": fast}, name
+        assert module.critic.cnn.bf16 is fast, name
+        chose = "TD3 learner on cuda: bf16_cnn, channels_last, cuda_graph (chosen by model.speedups"
+        assert (chose in caplog.text) is fast, name
+        assert (f"the update stays eager {ddp}" in caplog.text) is (misfit is not None), name
+    forced = TD3(vector_size=VECTOR, hidden_sizes=(32,), cuda_graph=True, bf16_cnn=False, channels_last=False)
+    assert forced.use_learner_settings(cuda) == {"bf16_cnn": False, "channels_last": False, "cuda_graph": True}
 
 
 def test_bf16_cnns_change_an_update_only_as_far_as_bf16_rounding_does():
