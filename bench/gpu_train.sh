@@ -3,8 +3,9 @@
 # its last one are exported to $OUT and the TensorBoard runs are packed into $OUT/runs.tar.gz; whatever time is left
 # under the 10 minutes goes to issue 6's benchmarks (bench/gpu_suite.sh).
 #   here, once:  bash bench/gpu_wheels.sh
-#   device:      bash bench/gpu_train.sh [whole_box | side_by_side] [cli.py fit options for every run ...]
-#   dry run:     OUT=/tmp/train bash bench/gpu_train.sh [whole_box | side_by_side] --device cpu   (tiny sizes, CPU)
+#   device:      bash bench/gpu_train.sh [whole_box | side_by_side | generalist] [cli.py fit options for every run ...]
+#   dry run:     OUT=/tmp/train bash bench/gpu_train.sh [whole_box | side_by_side | generalist] --device cpu
+#                (tiny sizes, on a CPU)
 # e.g. bash bench/gpu_train.sh whole_box --data.env.reward.headway 1.0   (the options go last: they win)
 # whole_box (the default): the scenario-1 recipe (configs/experiments/scenario1_curvy_asymmetric.yaml) on the whole
 #   machine: 14 env processes, one learner, the graphed update and sampling on the GPU, 6 minutes. Their GPU tests run
@@ -12,16 +13,19 @@
 #   the log).
 # side_by_side: scenario 2 (configs/experiments/scenario2_straight_capped.yaml, 7 env processes) and the scenario-1
 #   recipe on the GPU with 7 env processes, at once.
+# generalist: the generalist recipe (configs/experiments/generalist.yaml) on the whole machine for 6 minutes, 14 env
+#   processes and the learner's own choice for the GPU; an evaluation every 8000 updates. Its last actor and those of
+#   its three newest epochs come back, to be chosen among on the validation grid (docs/results.md) on any machine.
 set -u
 MODE=whole_box
 DEVICE=cuda
 EXTRA=()
 while (($#)); do
   case $1 in
-    whole_box | side_by_side) MODE=$1 ;;
+    whole_box | side_by_side | generalist) MODE=$1 ;;
     --device) DEVICE=$2; shift ;;
     --*) EXTRA+=("$1" "$2"); shift ;;
-    *) echo "usage: bash bench/gpu_train.sh [whole_box | side_by_side] [--device cpu|cuda] [--cli.option value ...]"
+    *) echo "usage: bash bench/gpu_train.sh [whole_box | side_by_side | generalist] [--device cpu|cuda] [--opt v ...]"
        exit 2 ;;
   esac
   shift
@@ -59,6 +63,9 @@ if [ "$MODE" = whole_box ]; then
         "--config configs/experiments/scenario1_curvy_asymmetric.yaml ${ON_GPU[*]} --trainer.max_time 00:00:06:00
          --trainer.limit_train_batches 20000 --data.num_envs 14 --model.init_args.cuda_graph true
          --data.sample_on_device true ${FAST[*]}")
+elif [ "$MODE" = generalist ]; then
+  RUNS=("gpu_generalist" "--config configs/experiments/generalist.yaml ${ON_GPU[*]} --trainer.max_time 00:00:06:00
+         --trainer.limit_train_batches 8000 --data.num_envs 14")
 else
   RUNS=("gpu_scenario1_curvy" "--config configs/experiments/scenario1_curvy_asymmetric.yaml ${ON_GPU[*]}
          --trainer.max_time 00:00:05:30 --trainer.limit_train_batches 4000 --data.num_envs 7"
@@ -86,6 +93,12 @@ for ((i = 0; i < ${#RUNS[@]}; i += 2)); do
   # The updates after the last evaluation (max_time stops mid-epoch) are in last.ckpt alone: evaluate it here.
   last=$(ls -t runs/"$name"/version_*/checkpoints/last.ckpt 2>/dev/null | head -1)
   [ -n "$last" ] && python3 -m lightning_td3.export "$last" "$OUT/td3_${name}_last.ckpt"
+  if [ "$MODE" = generalist ]; then  # its epochs' checkpoints are the candidates ($OUT takes 8 files in all)
+    for epoch in $(ls -t runs/"$name"/version_*/checkpoints/epoch=*.ckpt 2>/dev/null | head -3); do
+      base=$(basename "$epoch" .ckpt)
+      python3 -m lightning_td3.export "$epoch" "$OUT/td3_${name}_${base//=/}.ckpt"  # '=' cannot come back
+    done
+  fi
 done
 tar -czf "$OUT/runs.tar.gz" --exclude='*.ckpt' --exclude=replay "${NAMES[@]}"
 ls -la "$OUT"
