@@ -44,12 +44,16 @@ EPISODE_STEPS = 100
 
 
 class UpdateClock(pl.Callback):
-    """Wall and CPU time of the updates after the first `warmup` of a fit."""
+    """Wall and CPU time of the updates after the first `warmup` of a fit, and of the fit up to them (where
+    `torch.compile` compiles)."""
 
     def __init__(self, device: str, warmup: int):
         self.device = device
         self.warmup = warmup
-        self.start = self.end = (0.0, 0.0)
+        self.fit_start = self.start = self.end = (0.0, 0.0)
+
+    def on_train_start(self, trainer, module):
+        self.fit_start = now(self.device)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx == self.warmup:
@@ -91,7 +95,8 @@ def filled_buffers(transitions: int, vector_size: int, sb3_buffer, seed: int) ->
     return ours
 
 
-def time_ours(module: TD3, loader: DataLoader, args) -> tuple[float, float]:
+def time_ours(module: TD3, loader: DataLoader, args) -> tuple[float, float, float]:
+    """(updates per wall second, per CPU second, wall seconds of the fit's warm-up updates)."""
     clock = UpdateClock(args.device, args.warmup)
     trainer = pl.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=1,
@@ -99,7 +104,7 @@ def time_ours(module: TD3, loader: DataLoader, args) -> tuple[float, float]:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
     )
     trainer.fit(module, train_dataloaders=loader)
-    return rates(args.updates, clock.start, clock.end)
+    return *rates(args.updates, clock.start, clock.end), clock.start[0] - clock.fit_start[0]
 
 
 def time_sb3(model, args) -> tuple[float, float]:
@@ -166,16 +171,23 @@ def main() -> None:
           f"timed updates ({args.warmup} warm-up); TD3 options: {options or 'defaults'} -> CNNs: {chosen}"
           + ("; ours on one fixed batch (no replay sampling)" if args.fixed_batch else "")
           + ("; ours samples on the device" if device_replay is not None else ""))
-    ours_rates, sb3_rates = [], []
+    ours_rates, sb3_rates, compiled = [], [], []
     for round_index in range(args.rounds):
         ours_rates.append(time_ours(module, loader, args))
         line = f"round {round_index + 1}: ours {ours_rates[-1][0]:.2f} updates/s ({ours_rates[-1][1]:.3f} per CPU s)"
+        if args.compile:  # frames compiled so far: the first round compiles each part once, later ones recompile
+            compiled.append(torch._dynamo.utils.counters["frames"]["total"])
+            line += f", {args.warmup} warm-up updates {ours_rates[-1][2]:.1f} s, frames compiled {compiled[-1]}"
         if not args.skip_sb3:
             sb3_rates.append(time_sb3(sb3_model, args))
             line += f", sb3 {sb3_rates[-1][0]:.2f} updates/s ({sb3_rates[-1][1]:.3f} per CPU s)"
         print(line)
     ours = [statistics.median(rate[i] for rate in ours_rates) for i in (0, 1)]
     print(f"updates_per_s: {ours[0]:.2f}")
+    if args.compile and args.rounds > 1:
+        later_warmup = statistics.median(rate[2] for rate in ours_rates[1:])
+        print(f"compile_s: {ours_rates[0][2] - later_warmup:.1f} (the first round's warm-up less the later ones'); "
+              f"recompiles after the first round: {compiled[-1] - compiled[0]}")
     if sb3_rates:
         sb3 = [statistics.median(rate[i] for rate in sb3_rates) for i in (0, 1)]
         print(f"sb3_updates_per_s: {sb3[0]:.2f}")
