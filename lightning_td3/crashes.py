@@ -4,12 +4,14 @@
 
 Runs the evaluation episodes seed, seed + 1, ... through the evaluation harness and, for each that ends in a
 collision, prints what the ego saw one second before: its speed, the car ahead in its lane (gap and speed), and the
-lane changes of its last four seconds; and where it was at the collision: how far from its lane's centre toward a
-side lane, and whether a car was alongside it (within a metre lengthwise) in its lane or in that one. Then it counts the rear-end collisions: those where, a
-second before, a car was ahead in the ego's lane, slower than the ego and less than a second's drive away, and the
-ego had not changed lanes for four seconds; and the side-swipes: those where, at the collision, the ego was between
-two lanes (a metre or more off its lane's centre, or in a lane it entered within the last second) with a car
-alongside it in one of them, and not a rear-end.
+lane changes of its last four seconds (with `--trace`, those four seconds step by step); and where it was at the
+collision: how far from its lane's centre toward a side lane, and whether a car was alongside it (within a metre
+lengthwise) in its lane or in that one. Then it counts the rear-end collisions: those where, a second before, a car
+was ahead in the ego's lane, slower than the ego and less than a second's drive away, and the ego had not changed
+lanes for four seconds; of them, those after a car moved into the ego's lane just ahead of it within those four
+seconds (the gap ahead shrank at once), which no following distance prevents; and the side-swipes: those where, at
+the collision, the ego was between two lanes (a metre or more off its lane's centre, or in a lane it entered within
+the last second) with a car alongside it in one of them, and not a rear-end.
 
 With `--critic` (a training checkpoint: an exported actor has no trained critics) it also prints, for each
 collision, what the critics expected a second before (`TD3.value`) against the discounted return that followed, that
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -48,6 +50,10 @@ SIDE_SWIPE_OFFSET_M = 1.0
 # A car counts as alongside within this bumper-to-bumper gap along the lane: turned toward the next lane, the ego's
 # corners reach past where its bumpers are measured.
 ALONGSIDE_GAP_M = 1.0
+# The gap ahead in the ego's lane shrinking in one step by this much more than the two cars' speeds explain: another
+# car came in between (moved into the lane); a car coming into sight counts only this close.
+MOVED_IN_JUMP_M = 2.0
+MOVED_IN_SIGHT_M = 30.0
 
 
 @dataclass
@@ -64,6 +70,11 @@ class Crash:
     side: str = "left"
     car_alongside: bool = False
     lane_changed_last_s: bool = False  # within the last BEFORE_S
+    # How long before the collision a car last moved into the ego's lane just ahead of it, within LANE_CHANGES_S
+    # (None: none did)
+    moved_in_s: float | None = None
+    # The last LANE_CHANGES_S, a step each, oldest first: (speed km/h, lane, gap ahead m, speed ahead km/h)
+    recent: tuple[tuple, ...] = ()
     # With a critic: its value of the state BEFORE_S before the collision, and the discounted return that followed
     critic_value: float | None = None
     return_after: float | None = None
@@ -83,7 +94,8 @@ class Crash:
     def side_swipe(self) -> bool:
         """Into a car alongside, between two lanes (the ego's lane switches when it crosses the line between them);
         a rear-end is not also counted as one."""
-        return not self.rear_end and self.car_alongside and (self.toward_side_m >= SIDE_SWIPE_OFFSET_M or self.lane_changed_last_s)
+        between_lanes = self.toward_side_m >= SIDE_SWIPE_OFFSET_M or self.lane_changed_last_s
+        return not self.rear_end and self.car_alongside and between_lanes
 
 
 @dataclass
@@ -128,7 +140,7 @@ def crashes(
                              leader and leader.speed_mps * 3.6))
                 offset_m = float(obs["vector"][3]) * LATERAL_SCALE_M  # > 0: left of the lane's centre
                 side = SIDES[0] if offset_m > 0 else SIDES[1]
-                near = [scene.leaders.get(lane) for lane in (0, side)] + [scene.followers.get(lane) for lane in (0, side)]
+                near = [neighbours.get(lane) for neighbours in (scene.leaders, scene.followers) for lane in (0, side)]
                 alongside = any(n is not None and n.gap_m < ALONGSIDE_GAP_M for n in near)
                 beside[:] = [abs(offset_m), "left" if side == SIDES[0] else "right", alongside]
                 if "reward_terms" in info:  # not after the reset
@@ -143,7 +155,8 @@ def crashes(
                 lanes = [lane for _, lane, _, _ in seen]
                 changes = sum(before != after for before, after in pairwise(lanes))
                 changed_last_s = len(set(lanes[-steps_per_second - 1:])) > 1
-                crash = Crash(seed, result.episode_length, speed, gap, speed_ahead, changes, *beside, changed_last_s)
+                crash = Crash(seed, result.episode_length, speed, gap, speed_ahead, changes, *beside, changed_last_s,
+                              moved_in_ahead(seen, env.backend.dt), tuple(seen))
                 if critic is not None:
                     before = max(len(rewards) - steps_per_second, 0)
                     crash.critic_value, crash.return_after = values[before], float(returns_after[before])
@@ -155,6 +168,24 @@ def crashes(
     finally:
         env.close()
     return Report(found, len(seeds), float(np.mean(errors_to_goal)) if errors_to_goal else None, env.backend.dt)
+
+
+def moved_in_ahead(seen: Sequence[tuple], dt: float) -> float | None:
+    """Seconds before the last of `seen`'s steps ((speed km/h, lane, gap ahead m, speed ahead km/h), oldest first,
+    `dt` s apart) that a car last moved into the ego's lane ahead of it: between two steps in the same lane, the gap
+    ahead shrank by over MOVED_IN_JUMP_M more than the two speeds explain, or a car came into sight under
+    MOVED_IN_SIGHT_M. None: none did."""
+    for steps_back, (later, earlier) in enumerate(pairwise(reversed(seen))):
+        (_, lane, gap, _), (speed_earlier, lane_earlier, gap_earlier, ahead_earlier) = later, earlier
+        if lane != lane_earlier or gap is None:
+            continue
+        if gap_earlier is None:
+            moved_in = gap < MOVED_IN_SIGHT_M
+        else:
+            moved_in = gap < gap_earlier + (ahead_earlier - speed_earlier) / 3.6 * dt - MOVED_IN_JUMP_M
+        if moved_in:
+            return steps_back * dt
+    return None
 
 
 def replayed_crashes(
@@ -198,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, required=True, help="the first evaluation seed")
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--critic", action="store_true", help="also read the critics (a training checkpoint only)")
+    parser.add_argument("--trace", action="store_true",
+                        help=f"also print each collision's last {LANE_CHANGES_S:g} s, a step a line")
     parser.add_argument("--replay", type=Path, help="a replay file of the run (runs/.../checkpoints/replay/*.bin): "
                         "how the critics fit the crashes it holds (a training checkpoint only)")
     args = parser.parse_args(argv)
@@ -228,13 +261,20 @@ def main(argv: list[str] | None = None) -> None:
         expected = "" if crash.critic_value is None else (
             f"; critic {crash.critic_value:+.1f}, return that followed {crash.return_after:+.1f}")
         beside = "a car alongside" if crash.car_alongside else "no car alongside"
+        moved_in = "" if crash.moved_in_s is None else f"; a car moved in ahead {crash.moved_in_s:.1f} s before"
         print(f"seed {crash.seed}: collision at step {crash.step}; {BEFORE_S:g} s before: {crash.speed_kmh:.0f} km/h, "
               f"{ahead}; lane changes in the last {LANE_CHANGES_S:g} s: {crash.lane_changes}; at the collision "
-              f"{crash.toward_side_m:.1f} m toward the {crash.side} lane, {beside}{expected}")
+              f"{crash.toward_side_m:.1f} m toward the {crash.side} lane, {beside}{moved_in}{expected}")
+        if args.trace:
+            for steps_back, (speed, lane, gap, speed_ahead) in zip(range(len(crash.recent) - 1, -1, -1), crash.recent):
+                ahead = "no car ahead" if gap is None else f"car ahead {gap:.1f} m at {speed_ahead:.0f} km/h"
+                print(f"  {-steps_back * report.decision_s:5.1f} s: {speed:.0f} km/h in lane {lane}, {ahead}")
     rear_end = sum(crash.rear_end for crash in report.crashes)
+    moved_in = sum(crash.rear_end and crash.moved_in_s is not None for crash in report.crashes)
     side_swipes = sum(crash.side_swipe for crash in report.crashes)
     print(f"collisions: {len(report.crashes)} of {report.episodes} episodes; rear-end (into a slower car ahead in the "
-          f"ego's lane, under {BEFORE_S:g} s away, no lane change for {LANE_CHANGES_S:g} s): {rear_end}; side-swipes "
+          f"ego's lane, under {BEFORE_S:g} s away, no lane change for {LANE_CHANGES_S:g} s): {rear_end}, of which "
+          f"{moved_in} after a car moved in ahead within {LANE_CHANGES_S:g} s; side-swipes "
           f"(at least {SIDE_SWIPE_OFFSET_M:g} m off the lane's centre, a car alongside): {side_swipes}")
     if report.crashes and args.critic:
         errors = [crash.critic_value - crash.return_after for crash in report.crashes]

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_td3.crashes import Crash, crashes, main, replayed_crashes
+from lightning_td3.crashes import Crash, crashes, main, moved_in_ahead, replayed_crashes
 from lightning_td3.envs import DrivingEnv, EnvConfig
 from lightning_td3.replay import ReplayBuffer
 
@@ -29,6 +29,9 @@ def test_running_into_the_traffic_ahead_is_reported_as_rear_end_collisions():
     for crash in report.crashes:
         assert crash.lane_changes == 0 and crash.gap_ahead_m is not None and crash.gap_ahead_m < 30.0
         assert crash.speed_ahead_kmh < crash.speed_kmh and crash.rear_end and not crash.side_swipe
+        # The last four seconds (or the whole episode, if shorter), a step each, the collision's step last.
+        assert len(crash.recent) == min(crash.step + 1, 4 * 5 + 1)  # 5 decisions a second
+        assert crash.recent[-1][2] < crash.gap_ahead_m < crash.recent[0][2]
 
 
 class SwerveIntoTheCarBeside:
@@ -71,6 +74,17 @@ def test_only_a_collision_into_a_slower_car_close_ahead_without_a_lane_change_is
     assert not Crash(0, 10, 90.0, 5.0, 70.0, 1).rear_end
     assert not Crash(0, 10, 90.0, 40.0, 70.0, 0).rear_end  # 90 km/h covers 25 m in a second: another car cut in
     assert Crash(0, 10, 90.0, 20.0, 70.0, 0).rear_end
+
+
+def test_a_car_moving_in_ahead_is_a_gap_that_shrinks_at_once_not_one_the_speeds_close():
+    """Steps 0.1 s apart, (ego km/h, lane, gap ahead m, car ahead km/h): closing at 36 km/h shrinks the gap 1 m a step."""
+    closing = [(72.0, 1, 20.0 - step, 36.0) for step in range(5)]
+    assert moved_in_ahead(closing, dt=0.1) is None
+    cut = closing + [(72.0, 1, 8.0, 60.0), (72.0, 1, 7.7, 60.0), (72.0, 1, 7.4, 60.0)]  # 16 m to 8 m in one step
+    assert moved_in_ahead(cut, dt=0.1) == pytest.approx(0.2)
+    assert moved_in_ahead(closing + [(72.0, 0, 8.0, 60.0)], dt=0.1) is None  # the ego changed lanes: a new car ahead
+    assert moved_in_ahead([(72.0, 1, None, None), (72.0, 1, 12.0, 60.0)], dt=0.1) == 0.0  # into an empty road ahead
+    assert moved_in_ahead([(72.0, 1, None, None), (72.0, 1, 80.0, 60.0)], dt=0.1) is None  # came into sight far off
 
 
 def test_the_critic_is_read_a_second_before_each_collision_against_the_return_that_followed():
