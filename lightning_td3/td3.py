@@ -325,12 +325,11 @@ class TD3(DrivingModule):
         # Fit's env check (see `setup`): its first hook after any checkpoint is restored, before the Collector steps
         # an env.
         td3_checkpoint.require_attached_env(self)
-        # Fused Adam (one kernel for all parameters) exists for CUDA and CPU tensors alike. Capturable: its step
-        # may be recorded in a CUDA graph (model.cuda_graph); its step counts live on the device either way.
-        capturable = self.graphs_update
+        # Fused Adam (one kernel for all parameters) exists for CUDA and CPU tensors alike; whether its step may be
+        # recorded in a CUDA graph (capturable) is set by `on_train_start`, after any checkpoint is restored.
         return (
-            torch.optim.Adam(self.actor.parameters(), lr=self.hparams.actor_lr, fused=True, capturable=capturable),
-            torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, fused=True, capturable=capturable),
+            torch.optim.Adam(self.actor.parameters(), lr=self.hparams.actor_lr, fused=True),
+            torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, fused=True),
         )
 
     def on_train_start(self) -> None:
@@ -343,8 +342,8 @@ class TD3(DrivingModule):
                 for group in optimizer.optimizer.param_groups:
                     group["lr"] = torch.empty((), dtype=torch.float32, device=self.device)
             self._decay_learning_rates(self.updates)
-        # A resumed optimizer state brings the capturable flag of the fit that wrote it (false from a CPU fit, which a
-        # graph cannot record): this fit's own applies.
+        # Capturable: Adam's step may be recorded in a CUDA graph (its step counts live on the device either way). Set
+        # here, not when the optimizers are built: a restored optimizer state brings the flag of the fit that wrote it.
         for optimizer in self.optimizers():
             for group in optimizer.optimizer.param_groups:
                 group["capturable"] = self.graphs_update
