@@ -270,11 +270,11 @@ def main(argv: list[str] | None = None) -> None:
                 ahead = "no car ahead" if gap is None else f"car ahead {gap:.1f} m at {speed_ahead:.0f} km/h"
                 print(f"  {-steps_back * report.decision_s:5.1f} s: {speed:.0f} km/h in lane {lane}, {ahead}")
     rear_end = sum(crash.rear_end for crash in report.crashes)
-    moved_in = sum(crash.rear_end and crash.moved_in_s is not None for crash in report.crashes)
+    moved_in_rear_end = sum(crash.rear_end and crash.moved_in_s is not None for crash in report.crashes)
     side_swipes = sum(crash.side_swipe for crash in report.crashes)
     print(f"collisions: {len(report.crashes)} of {report.episodes} episodes; rear-end (into a slower car ahead in the "
           f"ego's lane, under {BEFORE_S:g} s away, no lane change for {LANE_CHANGES_S:g} s): {rear_end}, of which "
-          f"{moved_in} after a car moved in ahead within {LANE_CHANGES_S:g} s; side-swipes "
+          f"{moved_in_rear_end} after a car moved in ahead within {LANE_CHANGES_S:g} s; side-swipes "
           f"(at least {SIDE_SWIPE_OFFSET_M:g} m off the lane's centre, a car alongside): {side_swipes}")
     if report.crashes and args.critic:
         errors = [crash.critic_value - crash.return_after for crash in report.crashes]

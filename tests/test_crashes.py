@@ -77,7 +77,8 @@ def test_only_a_collision_into_a_slower_car_close_ahead_without_a_lane_change_is
 
 
 def test_a_car_moving_in_ahead_is_a_gap_that_shrinks_at_once_not_one_the_speeds_close():
-    """Steps 0.1 s apart, (ego km/h, lane, gap ahead m, car ahead km/h): closing at 36 km/h shrinks the gap 1 m a step."""
+    """Steps 0.1 s apart, (ego km/h, lane, gap ahead m, car ahead km/h): closing at 36 km/h shrinks the gap 1 m a
+    step."""
     closing = [(72.0, 1, 20.0 - step, 36.0) for step in range(5)]
     assert moved_in_ahead(closing, dt=0.1) is None
     cut = closing + [(72.0, 1, 8.0, 60.0), (72.0, 1, 7.7, 60.0), (72.0, 1, 7.4, 60.0)]  # 16 m to 8 m in one step
@@ -172,3 +173,23 @@ def _rewards_of(config: EnvConfig, seed: int) -> list[float]:
     env.close()
     assert info["reason"] in ("collision", "goal"), "the return that followed needs an episode that ended there"
     return rewards
+
+
+def test_trace_prints_each_step_of_a_collisions_last_seconds_and_the_moved_in_count(monkeypatch, capsys):
+    """Through the command: the shipped agent and its recipe, with the episodes replaced by one known collision."""
+    import lightning_td3.crashes as crashes_module
+
+    recent = ((90.0, 1, 12.0, 60.0), (88.0, 1, 4.0, 60.0), (80.0, 1, 2.5, 60.0))  # a car moved in 0.2 s before
+    crash = Crash(7, 30, 88.0, 4.0, 60.0, 0, moved_in_s=moved_in_ahead(recent, dt=0.2), recent=recent)
+    report = crashes_module.Report([crash], episodes=1, decision_s=0.2)
+    monkeypatch.setattr(crashes_module, "crashes", lambda *args: report)
+    main(["--config", str(ROOT / "configs/experiments/scenario1_curvy_asymmetric.yaml"),
+          "--ckpt", str(ROOT / "agents/scenario1_curvy_asymmetric.ckpt"), "--seed", "7", "--episodes", "1", "--trace"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "a car moved in ahead 0.2 s before" in lines[0]
+    assert lines[1:4] == [
+        "   -0.4 s: 90 km/h in lane 1, car ahead 12.0 m at 60 km/h",
+        "   -0.2 s: 88 km/h in lane 1, car ahead 4.0 m at 60 km/h",
+        "    0.0 s: 80 km/h in lane 1, car ahead 2.5 m at 60 km/h",
+    ]
+    assert "rear-end (into a slower car ahead" in lines[4] and "): 1, of which 1 after a car moved in ahead" in lines[4]
