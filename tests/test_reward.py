@@ -58,13 +58,13 @@ def test_the_headway_term_charges_a_time_gap_below_headway_s_in_proportion():
     assert headway_at(0.0) == 0.0  # off by default, as the seed's reward
 
 
-def test_the_env_charges_the_headway_to_the_car_ahead_in_its_lane():
+def test_the_env_charges_the_headway_and_the_closing_speed_to_the_car_ahead_in_its_lane():
     from lightning_td3.envs import DrivingEnv, EnvConfig
 
     env = DrivingEnv(EnvConfig(scenario=2, route_length_m=300.0, max_steps=60, num_waypoints=5,
-                               reward=RewardConfig(headway=1.0, headway_s=3.0)))
+                               reward=RewardConfig(headway=1.0, headway_s=3.0, closing=1.0)))
     env.reset(seed=4)
-    charged = []
+    charged, closing_charged = [], []
     for _ in range(40):  # full throttle down the lane: it closes in on the traffic ahead
         _, _, terminated, truncated, info = env.step(np.array([0.0, 1.0], np.float32))
         if terminated or truncated:
@@ -73,9 +73,41 @@ def test_the_env_charges_the_headway_to_the_car_ahead_in_its_lane():
         expected = 0.0 if leader is None else -min(max(1.0 - leader.gap_m / (speed * 3.0), 0.0), 1.0)
         assert info["reward_terms"]["headway"] == pytest.approx(expected, abs=1e-6)
         charged.append(expected)
+        closing_mps = 0.0 if leader is None else speed - leader.speed_mps
+        closing = -min(max(1.0 - leader.gap_m / (closing_mps * 4.0), 0.0), 1.0) if closing_mps > 0 else 0.0
+        assert info["reward_terms"]["closing"] == pytest.approx(closing, abs=1e-5)
+        closing_charged.append(closing)
     assert min(charged) < -0.1, "the ego never came close to a car ahead: the test shows nothing"
+    assert min(closing_charged) < -0.1, "the ego never closed in on a car ahead: the test shows nothing"
     with pytest.raises(ValueError, match="env.reward.headway_s must be > 0 seconds"):
         RewardConfig(headway_s=0.0)
+
+
+def closing_at(gap_ahead_m, speed_ahead_mps, speed_mps=20.0, **weights) -> float:
+    terms = compute_reward(
+        RewardConfig(**weights), speed_mps=speed_mps, target_speed_mps=TARGET_MPS, progress_step_m=speed_mps * DT,
+        dt=DT, lateral_offset_m=0.0, off_road_distance_m=2.5, heading_error_rad=0.0, action_change=np.zeros(2),
+        crashed=False, gap_ahead_m=gap_ahead_m, speed_ahead_mps=speed_ahead_mps,
+    )
+    assert terms.total == pytest.approx(sum(value for name, value in terms.as_dict().items() if name != "total"))
+    return terms.closing
+
+
+def test_the_closing_term_charges_a_time_to_collision_below_closing_s_whatever_the_time_gap():
+    # 20 m/s on a car at 10 m/s: closing at 10 m/s, so with closing_s 4 the charge starts under a 40 m gap, where the
+    # time gap (2 s) is above headway_s and the headway term charges nothing.
+    assert closing_at(40.0, 10.0, closing=2.0) == 0.0
+    assert closing_at(20.0, 10.0, closing=2.0) == pytest.approx(-1.0)  # half the time to collision: half the weight
+    assert closing_at(0.0, 10.0, closing=2.0) == pytest.approx(-2.0)
+    assert closing_at(20.0, 10.0, closing=2.0, closing_s=8.0) == pytest.approx(-1.5)
+    assert closing_at(20.0, 15.0, closing=2.0) == pytest.approx(0.0)  # closing at 5 m/s: 4 s to go
+    assert closing_at(10.0, 15.0, closing=2.0) == pytest.approx(-1.0)
+    assert closing_at(5.0, 20.0, closing=2.0) == 0.0  # as fast as the ego: not closing, however near
+    assert closing_at(5.0, 25.0, closing=2.0) == 0.0  # pulling away
+    assert closing_at(None, None, closing=2.0) == 0.0  # no car ahead
+    assert closing_at(20.0, 10.0) == 0.0  # off by default
+    with pytest.raises(ValueError, match="env.reward.closing_s must be > 0 seconds"):
+        RewardConfig(closing_s=0.0)
 
 
 def alongside_at(lateral_offset_m, gaps_beside_m, speed_mps=20.0, **weights) -> float:

@@ -68,6 +68,12 @@ class RewardConfig:
     # when it is too late; this says so while braking still helps. 0 (the seed): off.
     headway: float = 0.0
     headway_s: float = 1.5
+    # Per step, times `closing`: how far the time to collision with the car ahead in the ego's lane (gap / closing
+    # speed, while closing in) is below `closing_s`, from 0 (at or above it, or not closing) to 1 (touching). The
+    # headway charge reads the gap and the ego's speed alone, so it charges a fast approach on a slower car no sooner
+    # than a steady follow: this one grows with the closing speed, while braking still sheds it. 0: off.
+    closing: float = 0.0
+    closing_s: float = 4.0
     # Per step, times `alongside`: the headway charge of the lane the ego moves toward, to the nearer of the car
     # ahead and the car behind in it, times how far toward it the ego has moved (0 at its lane's centre line, 1 at
     # `reward.ALONGSIDE_FULL_AT_M`). It charges drifting or changing into a lane where a car is beside the ego, which
@@ -76,12 +82,16 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         for name in ("efficiency", "lane_keeping", "comfort", "safety", "progress", "crash_penalty", "headway",
-                     "alongside"):
+                     "closing", "alongside"):
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and value >= 0, f"data.env.reward.{name}", "a number >= 0", value)
         require(
             isinstance(self.headway_s, (int, float)) and self.headway_s > 0, "data.env.reward.headway_s", "> 0 seconds",
             self.headway_s,
+        )
+        require(
+            isinstance(self.closing_s, (int, float)) and self.closing_s > 0, "data.env.reward.closing_s", "> 0 seconds",
+            self.closing_s,
         )
 
 

@@ -194,6 +194,7 @@ class DrivingEnv(gym.Env):
             action_change=action - self._last_action,
             crashed=reason in CRASHES,
             gap_ahead_m=None if leader is None else leader.gap_m,
+            speed_ahead_mps=None if leader is None else leader.speed_mps,
             gaps_beside_m=tuple(_nearest_gap(scene, side) for side in SIDES),
         )
         self._last_action = action
@@ -259,7 +260,8 @@ class DrivingEnv(gym.Env):
     def _scene(self) -> Scene | None:
         """The other vehicles around the ego, read only when the reward or the observation uses them."""
         config = self.config
-        if not (config.reward.headway or config.reward.alongside or config.observe_leader or config.observe_sides):
+        reward = config.reward
+        if not (reward.headway or reward.closing or reward.alongside or config.observe_leader or config.observe_sides):
             return None
         return self.backend.scene()
 

@@ -28,6 +28,7 @@ class RewardTerms:
     safety: float
     progress: float
     headway: float
+    closing: float
     alongside: float
     total: float
 
@@ -48,10 +49,11 @@ def compute_reward(
     action_change: np.ndarray,
     crashed: bool,
     gap_ahead_m: float | None = None,
+    speed_ahead_mps: float | None = None,
     gaps_beside_m: tuple[float | None, float | None] = (None, None),
 ) -> RewardTerms:
-    """`gap_ahead_m`: bumper-to-bumper distance to the car ahead in the ego's lane (None: none in sight); only the
-    headway term reads it. `gaps_beside_m`: the same to the nearer of the cars ahead and behind in the lane to the
+    """`gap_ahead_m`: bumper-to-bumper distance to the car ahead in the ego's lane (None: none in sight); the headway
+    term reads it, and with that car's `speed_ahead_mps`, the closing term. `gaps_beside_m`: the same to the nearer of the cars ahead and behind in the lane to the
     ego's left and in the lane to its right (None: no car in sight, or no lane); only the alongside term reads it."""
     efficiency = -min(abs(speed_mps - target_speed_mps) / target_speed_mps, 1.0)
     lane_keeping = -min(
@@ -68,6 +70,8 @@ def compute_reward(
         return min(max(1.0 - gap_m / (speed_mps * weights.headway_s), 0.0), 1.0)
 
     headway = -time_gap_shortfall(gap_ahead_m)
+    closing_mps = 0.0 if gap_ahead_m is None or speed_ahead_mps is None else speed_mps - speed_ahead_mps
+    closing = -min(max(1.0 - gap_ahead_m / (closing_mps * weights.closing_s), 0.0), 1.0) if closing_mps > 0 else 0.0
     # lateral_offset_m > 0: left of the lane's centre line, toward the lane on the left (gaps_beside_m[0]).
     toward = (max(lateral_offset_m, 0.0), max(-lateral_offset_m, 0.0))
     alongside = -max(
@@ -83,6 +87,7 @@ def compute_reward(
         safety=weights.safety * safety,
         progress=weights.progress * progress,
         headway=weights.headway * headway,
+        closing=weights.closing * closing,
         alongside=weights.alongside * alongside,
     )
     weighted = {name: float(value) for name, value in weighted.items()}
