@@ -51,6 +51,8 @@ if [ "$DEVICE" = cuda ]; then  # model.cuda_graph and data.sample_on_device are 
   # against the eager one (one fixed batch), and the former default (eager, batches copied from the host).
   step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
   step learner 120 python3 bench/learner.py $LEARNER
+  # Where the graphed update's milliseconds go: the kernels' time per update against the wall time per update.
+  step learner_profile 90 python3 bench/learner.py $LEARNER --skip-sb3 --rounds 1 --profile
   step e2e 180 python3 bench/e2e.py $E2E
   step learner_float32_graph_device_sampling 120 python3 bench/learner.py $LEARNER --no-speedups --cuda-graph \
     --sample-on-device

@@ -2,7 +2,7 @@
 
     python bench/learner.py [--device cpu|cuda] [--rounds 3] [--updates 30] [--batch-size 256]
                             [--no-speedups] [--compile] [--bf16-cnn] [--channels-last] [--cuda-graph] [--skip-sb3]
-                            [--fixed-batch | --sample-on-device | --host-sampling]
+                            [--fixed-batch | --sample-on-device | --host-sampling] [--profile]
 
 Both learners do the same update (batch 256, twin critics and an actor with separate NatureCNNs of 512
 features, heads 256-256, policy delay 2) on image 4x84x84 uint8 + vector (our env's size) observations:
@@ -13,7 +13,9 @@ features, heads 256-256, policy delay 2) on image 4x84x84 uint8 + vector (our en
 - SB3: `TD3("MultiInputPolicy", share_features_extractor=False)`'s own `train()`, sampling its own
   `DictReplayBuffer` (SB3 does not clip gradients; ours also clips both, norm 10).
 Both buffers hold the same synthetic transitions. The two alternate in rounds (so a neighbour's load on a shared
-machine hits both alike); each round times `--updates` updates after `--warmup` untimed ones.
+machine hits both alike); each round times `--updates` updates after `--warmup` untimed ones. `--profile` adds one
+round of ours under torch.profiler: how long the device (on a CPU: this process) was busy per update against the
+wall time per update, and the operations that took the most of it.
 """
 
 from __future__ import annotations
@@ -107,6 +109,23 @@ def time_ours(module: TD3, loader: DataLoader, args) -> tuple[float, float, floa
     return *rates(args.updates, clock.start, clock.end), clock.start[0] - clock.fit_start[0]
 
 
+def profile_ours(module: TD3, loader, args) -> None:
+    """One more round of ours under torch.profiler. The device's busy time is every kernel's time of the round (its
+    warm-up updates, and any graph capture, included) over the round's updates; the wall time is the timed ones'."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = args.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as profiler:
+        wall_rate, _, _ = time_ours(module, loader, args)
+    averages = profiler.key_averages()
+    key = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    busy_ms = sum(getattr(event, key) for event in averages) / 1000 / (args.warmup + args.updates)
+    where = "device kernels" if on_cuda else "this process's operations"
+    print(f"profile: {1000 / wall_rate:.2f} ms wall per update; {where} {busy_ms:.2f} ms per update")
+    print(averages.table(sort_by=key, row_limit=15, max_name_column_width=60))
+
+
 def time_sb3(model, args) -> tuple[float, float]:
     model.train(gradient_steps=args.warmup, batch_size=args.batch_size)
     start = now(args.device)
@@ -128,6 +147,8 @@ def main() -> None:
     parser.add_argument("--fixed-batch", action="store_true",
                         help="feed ours one sampled batch over and over (still copied to the device each update): "
                              "the update alone, without replay sampling; use with --skip-sb3")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more round of ours under torch.profiler: busy time per update and its largest parts")
     sampling = parser.add_mutually_exclusive_group()
     sampling.add_argument("--sample-on-device", action="store_true",
                           help="ours samples from a copy of the replay on the device (data.sample_on_device true)")
@@ -188,6 +209,8 @@ def main() -> None:
         later_warmup = statistics.median(rate[2] for rate in ours_rates[1:])
         print(f"compile_s: {ours_rates[0][2] - later_warmup:.1f} (the first round's warm-up less the later ones'); "
               f"recompiles after the first round: {compiled[-1] - compiled[0]}")
+    if args.profile:
+        profile_ours(module, loader, args)
     if sb3_rates:
         sb3 = [statistics.median(rate[i] for rate in sb3_rates) for i in (0, 1)]
         print(f"sb3_updates_per_s: {sb3[0]:.2f}")
