@@ -85,14 +85,9 @@ class RewardConfig:
                      "closing", "alongside"):
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and value >= 0, f"data.env.reward.{name}", "a number >= 0", value)
-        require(
-            isinstance(self.headway_s, (int, float)) and self.headway_s > 0, "data.env.reward.headway_s", "> 0 seconds",
-            self.headway_s,
-        )
-        require(
-            isinstance(self.closing_s, (int, float)) and self.closing_s > 0, "data.env.reward.closing_s", "> 0 seconds",
-            self.closing_s,
-        )
+        for name in ("headway_s", "closing_s"):
+            value = getattr(self, name)
+            require(isinstance(value, (int, float)) and value > 0, f"data.env.reward.{name}", "> 0 seconds", value)
 
 
 @dataclass(frozen=True)

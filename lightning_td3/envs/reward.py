@@ -36,6 +36,14 @@ class RewardTerms:
         return asdict(self)
 
 
+def _shortfall(gap_m: float | None, rate_mps: float | None, seconds: float) -> float:
+    """How far the time to cover `gap_m` at `rate_mps` is below `seconds`: 0 at or above it, with no gap, or at no
+    positive rate; 1 at no gap."""
+    if gap_m is None or rate_mps is None or rate_mps <= 0:
+        return 0.0
+    return min(max(1.0 - gap_m / (rate_mps * seconds), 0.0), 1.0)
+
+
 def compute_reward(
     weights: RewardConfig,
     *,
@@ -53,8 +61,9 @@ def compute_reward(
     gaps_beside_m: tuple[float | None, float | None] = (None, None),
 ) -> RewardTerms:
     """`gap_ahead_m`: bumper-to-bumper distance to the car ahead in the ego's lane (None: none in sight); the headway
-    term reads it, and with that car's `speed_ahead_mps`, the closing term. `gaps_beside_m`: the same to the nearer of the cars ahead and behind in the lane to the
-    ego's left and in the lane to its right (None: no car in sight, or no lane); only the alongside term reads it."""
+    term reads it, and with that car's `speed_ahead_mps`, the closing term. `gaps_beside_m`: the same to the nearer
+    of the cars ahead and behind in the lane to the ego's left and in the lane to its right (None: no car in sight,
+    or no lane); only the alongside term reads it."""
     efficiency = -min(abs(speed_mps - target_speed_mps) / target_speed_mps, 1.0)
     lane_keeping = -min(
         0.5 * abs(lateral_offset_m) / off_road_distance_m + 0.5 * abs(heading_error_rad) / (math.pi / 2), 1.0
@@ -65,13 +74,12 @@ def compute_reward(
 
     def time_gap_shortfall(gap_m: float | None) -> float:
         """How far the time gap (gap / ego speed) is below headway_s: 0 at or above it, or no car; 1 touching."""
-        if gap_m is None or speed_mps <= 0:
-            return 0.0
-        return min(max(1.0 - gap_m / (speed_mps * weights.headway_s), 0.0), 1.0)
+        return _shortfall(gap_m, speed_mps, weights.headway_s)
 
     headway = -time_gap_shortfall(gap_ahead_m)
-    closing_mps = 0.0 if gap_ahead_m is None or speed_ahead_mps is None else speed_mps - speed_ahead_mps
-    closing = -min(max(1.0 - gap_ahead_m / (closing_mps * weights.closing_s), 0.0), 1.0) if closing_mps > 0 else 0.0
+    # The time to collision: the gap over the speed at which the ego closes in on the car ahead.
+    closing_mps = None if speed_ahead_mps is None else speed_mps - speed_ahead_mps
+    closing = -_shortfall(gap_ahead_m, closing_mps, weights.closing_s)
     # lateral_offset_m > 0: left of the lane's centre line, toward the lane on the left (gaps_beside_m[0]).
     toward = (max(lateral_offset_m, 0.0), max(-lateral_offset_m, 0.0))
     alongside = -max(
