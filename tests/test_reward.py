@@ -4,25 +4,25 @@ import numpy as np
 import pytest
 
 from lightning_td3.envs.config import RewardConfig
-from lightning_td3.envs.reward import compute_reward
+from lightning_td3.envs.reward import RewardTerms, compute_reward
 
 TARGET_MPS, DT = 25.0, 0.2
 
 
-def progress_at(speed_factor: float, **weights) -> float:
+def terms_at(speed_mps=20.0, lateral_offset_m=0.0, scene=None, **weights) -> RewardTerms:
+    """The reward of one step at `speed_mps` on the target line but for `lateral_offset_m`, with the other cars as
+    `scene` (compute_reward's gap and speed keywords); its total checked against its terms."""
     terms = compute_reward(
-        RewardConfig(**weights),
-        speed_mps=speed_factor * TARGET_MPS,
-        target_speed_mps=TARGET_MPS,
-        progress_step_m=speed_factor * TARGET_MPS * DT,
-        dt=DT,
-        lateral_offset_m=0.0,
-        off_road_distance_m=2.5,
-        heading_error_rad=0.0,
-        action_change=np.zeros(2),
-        crashed=False,
+        RewardConfig(**weights), speed_mps=speed_mps, target_speed_mps=TARGET_MPS, progress_step_m=speed_mps * DT,
+        dt=DT, lateral_offset_m=lateral_offset_m, off_road_distance_m=2.5, heading_error_rad=0.0,
+        action_change=np.zeros(2), crashed=False, **(scene or {}),
     )
-    return terms.progress
+    assert terms.total == pytest.approx(sum(value for name, value in terms.as_dict().items() if name != "total"))
+    return terms
+
+
+def progress_at(speed_factor: float, **weights) -> float:
+    return terms_at(speed_factor * TARGET_MPS, **weights).progress
 
 
 @pytest.mark.parametrize("speed_factor", [0.5, 1.0])
@@ -37,13 +37,7 @@ def test_the_cap_stops_paying_for_speed_past_the_target():
 
 
 def headway_at(gap_ahead_m, speed_mps=20.0, **weights) -> float:
-    terms = compute_reward(
-        RewardConfig(**weights), speed_mps=speed_mps, target_speed_mps=TARGET_MPS, progress_step_m=speed_mps * DT,
-        dt=DT, lateral_offset_m=0.0, off_road_distance_m=2.5, heading_error_rad=0.0, action_change=np.zeros(2),
-        crashed=False, gap_ahead_m=gap_ahead_m,
-    )
-    assert terms.total == pytest.approx(sum(value for name, value in terms.as_dict().items() if name != "total"))
-    return terms.headway
+    return terms_at(speed_mps, scene={"gap_ahead_m": gap_ahead_m}, **weights).headway
 
 
 def test_the_headway_term_charges_a_time_gap_below_headway_s_in_proportion():
@@ -84,13 +78,8 @@ def test_the_env_charges_the_headway_and_the_closing_speed_to_the_car_ahead_in_i
 
 
 def closing_at(gap_ahead_m, speed_ahead_mps, speed_mps=20.0, **weights) -> float:
-    terms = compute_reward(
-        RewardConfig(**weights), speed_mps=speed_mps, target_speed_mps=TARGET_MPS, progress_step_m=speed_mps * DT,
-        dt=DT, lateral_offset_m=0.0, off_road_distance_m=2.5, heading_error_rad=0.0, action_change=np.zeros(2),
-        crashed=False, gap_ahead_m=gap_ahead_m, speed_ahead_mps=speed_ahead_mps,
-    )
-    assert terms.total == pytest.approx(sum(value for name, value in terms.as_dict().items() if name != "total"))
-    return terms.closing
+    scene = {"gap_ahead_m": gap_ahead_m, "speed_ahead_mps": speed_ahead_mps}
+    return terms_at(speed_mps, scene=scene, **weights).closing
 
 
 def test_the_closing_term_charges_a_time_to_collision_below_closing_s_whatever_the_time_gap():
@@ -111,12 +100,7 @@ def test_the_closing_term_charges_a_time_to_collision_below_closing_s_whatever_t
 
 
 def alongside_at(lateral_offset_m, gaps_beside_m, speed_mps=20.0, **weights) -> float:
-    terms = compute_reward(
-        RewardConfig(**weights), speed_mps=speed_mps, target_speed_mps=TARGET_MPS, progress_step_m=speed_mps * DT,
-        dt=DT, lateral_offset_m=lateral_offset_m, off_road_distance_m=2.5, heading_error_rad=0.0,
-        action_change=np.zeros(2), crashed=False, gaps_beside_m=gaps_beside_m,
-    )
-    assert terms.total == pytest.approx(sum(value for name, value in terms.as_dict().items() if name != "total"))
+    terms = terms_at(speed_mps, lateral_offset_m, scene={"gaps_beside_m": gaps_beside_m}, **weights)
     assert terms.headway == 0.0  # the lanes beside are not the ego's: the headway charge does not read them
     return terms.alongside
 
