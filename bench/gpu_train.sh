@@ -44,7 +44,7 @@ exec > >(tee "$OUT/train.txt") 2>&1
 source bench/gpu_env.sh
 
 if [ "$DEVICE" = cuda ]; then
-  SIZE=(); TRAIN_LIMIT_S=480
+  SIZE=(); TRAIN_LIMIT_S=460
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
 else
   SIZE=(--trainer.accelerator cpu --trainer.max_time 00:00:00:40 --trainer.limit_train_batches 20 --data.num_envs 2
@@ -87,10 +87,11 @@ fi
 
 PIDS=()
 for ((i = 0; i < ${#RUNS[@]}; i += 2)); do
-  # One thread per process: the env processes and the learners share the 16 cores. A run still there at the limit
-  # is stuck (one outlived its time limit by over a minute once): SIGABRT makes faulthandler print every thread's
-  # stack into its log, then SIGKILL; its checkpoints are written by then.
-  PYTHONFAULTHANDLER=1 OMP_NUM_THREADS=1 timeout -s ABRT -k 10 "$TRAIN_LIMIT_S" python3 cli.py fit ${RUNS[i + 1]} --trainer.logger.init_args.name "${RUNS[i]}" \
+  # One thread per process: the env processes and the learners share the 16 cores. When max_time stops a fit,
+  # Lightning evaluates once more (20 episodes of the generalist took 160 s in one process: runs outlived their
+  # limit so); a run still there at the limit gets SIGTERM, which stops it before its next update or evaluation
+  # episode with last.ckpt, then SIGKILL 30 s later.
+  PYTHONFAULTHANDLER=1 OMP_NUM_THREADS=1 timeout -k 30 "$TRAIN_LIMIT_S" python3 cli.py fit ${RUNS[i + 1]} --trainer.logger.init_args.name "${RUNS[i]}" \
     "${SIZE[@]}" "${EXTRA[@]}" >"$OUT/${RUNS[i]}.log" 2>&1 &
   PIDS+=($!)
 done

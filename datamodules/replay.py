@@ -141,8 +141,13 @@ class ReplayDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         on_device = self.device_replay is not None
         stream = ReplayStream(self.device_replay if on_device else self.buffer, self.batch_size, self._sampler_rng)
-        # Batches gathered on the device have nothing to pin.
-        return ReplayLoader(stream, batch_size=None, num_workers=0, pin_memory=self.pin_memory and not on_device)
+        # Batches gathered on the device have nothing to pin. Each loader has its own generator: making an iterator
+        # draws a seed, from torch's global RNG otherwise, and a run resumed from a stop during an evaluation makes
+        # them a different number of times than an uninterrupted run (the updates' noise must not depend on that).
+        return ReplayLoader(
+            stream, batch_size=None, num_workers=0, pin_memory=self.pin_memory and not on_device,
+            generator=torch.Generator(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._episodes(self.eval_seed)
@@ -158,7 +163,7 @@ class ReplayDataModule(pl.LightningDataModule):
         # Process r runs episodes r, r + world_size, ...: every seed exactly once (Lightning's default
         # DistributedSampler would repeat some to even out the shares).
         sampler = UnrepeatedDistributedSampler(specs, num_replicas=self._world_size(), rank=self._rank(), shuffle=False)
-        return DataLoader(specs, batch_size=None, sampler=sampler)
+        return DataLoader(specs, batch_size=None, sampler=sampler, generator=torch.Generator())
 
     # --- checkpointing: the replay goes to its own file per rank; the checkpoint records which ----------------------
 

@@ -21,10 +21,11 @@ they hold, and the process goes on with the envs it has left. After `max_env_fai
 no server left, the process collects no more and the run stops at the next safe point with `last.ckpt` and
 `TrainingAborted`.
 
-The safe points are the Collector's (`fault_tolerance.stop_together`): before every update, after collecting, and
-between warm-up steps. Under DDP every process reaches them at the same update, so a stop signal or a failure on
-one process stops all of them there, with one checkpoint; the warm-up runs in lockstep for that (a process whose
-envs failed needs more vector steps to finish it).
+The safe points are the Collector's (`fault_tolerance.stop_together`): before every update, after collecting,
+between warm-up steps, and before each evaluation episode while fitting (the resumed run evaluates again, whole).
+Under DDP every process reaches them at the same update, so a stop signal or a failure on one process stops all of
+them there, with one checkpoint; the warm-up runs in lockstep for that (a process whose envs failed needs more
+vector steps to finish it).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_td3.checkpointing import arrays_to_tensors, tensors_to_arrays
@@ -100,6 +102,7 @@ class CollectorData(Protocol):
     env: EnvConfig
     env_configs: list[EnvConfig]  # one per training env (and replay ring)
     live_envs: list[int]  # the envs that run, by index into env_configs: the Collector leaves out those that die
+    eval_episodes: int  # per evaluation, shared out among the DDP processes
 
 
 def make_vector_env(configs: Sequence[EnvConfig], asynchronous: bool) -> VectorEnv:
@@ -218,6 +221,16 @@ class Collector(pl.Callback):
         self._finish_step(trainer, module)
         if self.envs is not None and evaluation_shares_world(trainer.datamodule.env):
             self._make_way_for_evaluation(trainer.datamodule)
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, module: CollectingModule, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        # A stop does not wait for the evaluation's other episodes (minutes on long routes; a cluster's grace
+        # period after SIGTERM may be shorter): a safe point before each. Under DDP only before the episodes that
+        # every process runs, since they may hold one episode more or less, and each safe point is collective.
+        fitting = trainer.state.fn == TrainerFn.FITTING  # (`validate` installs no stop signal handlers)
+        if fitting and batch_idx < trainer.datamodule.eval_episodes // trainer.world_size:
+            stop_together(trainer, module, self._gave_up)
 
     def _make_way_for_evaluation(self, data: CollectorData) -> None:
         """Close the training envs, so that evaluation in their world meets none of their actors: their ego would

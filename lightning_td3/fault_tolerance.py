@@ -5,8 +5,9 @@
   before any callback hook runs), the log and checkpoint directories are probed with a real write, and the free
   space is compared with what a checkpoint plus its replay file will take: a run does not die on its first
   checkpoint an hour in.
-- SIGINT / SIGTERM: the step under way finishes, `last.ckpt` is written, and the run ends with exit code 0 and a
-  message saying how to resume. A second Ctrl+C stops at once, without a checkpoint.
+- SIGINT / SIGTERM: the step under way finishes (during an evaluation: the episode under way), `last.ckpt` is
+  written, and the run ends with exit code 0 and a message saying how to resume. A second Ctrl+C stops at once,
+  without a checkpoint.
 - A stop is decided together (`stop_together`): under DDP a signal that reached one process, or one process's
   envs giving up, stops every process at the same safe point, where they write one checkpoint together; a
   process stopping alone would leave the others waiting in their next collective until the DDP time-out.
@@ -40,8 +41,8 @@ _stop_request: str | None = None
 
 
 def stop_together(trainer: pl.Trainer, module, failure: str | None = None, busy: bool = False) -> bool:
-    """A safe point: every process calls it at the same place (the Collector: before each update, and between
-    warm-up steps), where a checkpoint would be consistent.
+    """A safe point: every process calls it at the same place (the Collector: before each update, between warm-up
+    steps, and before each evaluation episode), where a checkpoint would be consistent.
 
     If a stop signal reached any process, every process raises `StopRequested` here (`FaultTolerance` then
     writes the checkpoint, all processes together). If any process reports a `failure` (a description of what it
@@ -133,6 +134,8 @@ class FaultTolerance(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, StopRequested):
+            if trainer.validating:  # between two evaluation episodes (the Collector's safe points there)
+                _evaluate_again_on_resume(trainer)
             exception.checkpoint = save_last_checkpoint(trainer)
             exception.resume_command = cli_command("fit", exception.checkpoint)
 
@@ -149,6 +152,19 @@ class FaultTolerance(pl.Callback):
         for signum in STOP_SIGNALS:
             self._previous_handlers[signum] = signal.getsignal(signum)
             signal.signal(signum, _request_stop)
+
+
+def _evaluate_again_on_resume(trainer: pl.Trainer) -> None:
+    """Make the checkpoint of a stop during an evaluation resume by running that evaluation again, whole.
+
+    The training state is the one the evaluation started from (it changes none of it, and draws from no random
+    stream that training uses), so the resumed run logs the same evaluation as an uninterrupted one would. Lightning
+    runs an evaluation again when its checkpoint was written during a step (an episode begun, not finished); left as
+    it is, a stop between two episodes would resume after the evaluation and log none of it. So the checkpoint says
+    that the first episode has begun and none has finished."""
+    progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress
+    for counts in (progress.current, progress.total):
+        counts.ready, counts.started, counts.processed, counts.completed = 1, 1, 0, 0
 
 
 def _request_stop(signum, frame) -> None:

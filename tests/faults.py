@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -207,3 +208,22 @@ class CarlaServerDoubles(pl.Callback):
             for world in self.servers.worlds.values():
                 world.time_out_next_tick()
         self.validations += 1
+
+
+class StopInEvaluation(pl.Callback):
+    """Test double of an operator: sends its process SIGTERM as evaluation episode `after` (from 0) of the first
+    evaluation ends there (only on the process of global rank `rank`, if given); appends each evaluation episode a
+    process drives to `log` ("<rank> <epoch> <episode>" lines)."""
+
+    def __init__(self, log: str, after: int = 0, rank: int | None = None):
+        self.episode_log = Path(log)
+        self.after = after
+        self.rank = rank
+        self.sent = False
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
+        with self.episode_log.open("a") as log:
+            log.write(f"{trainer.global_rank} {trainer.current_epoch} {batch_idx}\n")
+        if batch_idx == self.after and not self.sent and self.rank in (None, trainer.global_rank):
+            self.sent = True
+            signal.raise_signal(signal.SIGTERM)

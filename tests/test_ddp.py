@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_td3.errors import ConfigError
 from lightning_td3.td3 import _let_ddp_find_unused_parameters
-from tests.faults import SIMULATOR_TIMEOUT, CarlaServerDoubles, CrashOnRank
+from tests.faults import SIMULATOR_TIMEOUT, CarlaServerDoubles, CrashOnRank, StopInEvaluation
 from tests.rank_snapshot import RankSnapshot
 from tests.tiny_run import tiny_config
 
@@ -235,6 +235,29 @@ def test_sigterm_to_one_process_stops_every_process_with_one_checkpoint(tmp_path
     stopped = f"stopped by SIGTERM (received by process 1 of 2) at env step {progress['env_steps']}; checkpoint written"
     assert output.count(stopped) == WORLD_SIZE, output[-3000:]
     assert "Traceback" not in output
+
+
+def test_sigterm_to_one_process_during_an_evaluation_stops_both_there_and_the_resumed_run_evaluates_again(tmp_path):
+    # 5 episodes: rank 0 drives 3, rank 1 two; both stop before their second, the last that both drive.
+    episodes = tmp_path / "episodes.txt"
+    stop = {"class_path": f"{StopInEvaluation.__module__}.StopInEvaluation",
+            "init_args": {"log": str(episodes), "after": 0, "rank": 1}}
+    code, output = DdpRun(ddp_config(tmp_path, stop, **{"data.eval_episodes": 5})).finish()
+
+    assert code == 0, output[-3000:]
+    stopped = "stopped by SIGTERM (received by process 1 of 2) at env step"
+    assert output.count(stopped) == WORLD_SIZE, output[-3000:]
+    assert sorted(episodes.read_text().splitlines()) == ["0 0 0", "1 0 0"]
+    assert sorted(path.name for path in (tmp_path / "checkpoints").glob("*.ckpt")) == ["last.ckpt"]
+
+    code, output = DdpRun(ddp_config(tmp_path, **{"data.eval_episodes": 5}), "--ckpt_path", "last").finish()
+    assert code == 0, output[-3000:]
+    rank0, rank1 = load_ranks(tmp_path)
+    assert rank0["updates"] == rank1["updates"] == 2 * UPDATES_PER_EPOCH
+    for name in rank0["final"]:
+        assert torch.equal(rank0["final"][name], rank1["final"][name]), name
+    # Both evaluations logged, the interrupted one run again whole (5 episodes, over both processes).
+    assert [event.value for event in tensorboard_events(tmp_path).Scalars("eval/episodes")] == [5, 5]
 
 
 def test_a_carla_server_dying_on_one_process_is_dropped_and_the_run_goes_on_with_fewer_envs_there(tmp_path):

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import cli
-from lightning_td3.errors import StorageError
+from lightning_td3.errors import StopRequested, StorageError
 from lightning_td3.replay import ReplayBuffer
 from lightning_td3.replay_file import load_shard, shard_name
 from tests.faults import FaultPlan, install
+from tests.test_resume import assert_same_tree
 from tests.tiny_run import fit, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +105,45 @@ def test_sigint_during_warm_up_stops_at_a_step_boundary_with_a_checkpoint(tmp_pa
     buffer = ReplayBuffer(capacity, 2, 14)
     load_shard(tmp_path / "checkpoints" / "replay" / shard_name(record["key"], 0, 1), buffer, record["key"], 0, 1)
     assert len(buffer) == progress["env_steps"]
+
+
+def eval_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every eval/* value the run logged to TensorBoard, by tag, as (step, value)."""
+    values = {}
+    for version in sorted((run_dir / "logs" / "tiny").iterdir()):
+        events = EventAccumulator(str(version), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            if tag.startswith("eval/"):
+                values.setdefault(tag, []).extend((event.step, event.value) for event in events.Scalars(tag))
+    return values
+
+
+def test_sigterm_during_an_evaluation_stops_before_its_next_episode_and_the_resumed_run_evaluates_it_again(tmp_path):
+    settings = {"trainer.max_epochs": 2, "data.eval_episodes": 8}
+    episodes = tmp_path / "episodes.txt"
+    fit(tmp_path / "straight_through", **settings)
+    with pytest.raises(StopRequested, match="stopped by SIGTERM at env step"):
+        fit(tmp_path / "interrupted", "--trainer.callbacks+=tests.faults.StopInEvaluation",
+            f"--trainer.callbacks.init_args.log={episodes}", "--trainer.callbacks.init_args.after=2", **settings)
+    # Signalled as its third episode of 8 ended: it drove no fourth.
+    assert episodes.read_text().splitlines() == ["0 0 0", "0 0 1", "0 0 2"]
+    checkpoints = tmp_path / "interrupted" / "checkpoints"
+    assert sorted(path.name for path in checkpoints.glob("*.ckpt")) == ["last.ckpt"]
+
+    fit(tmp_path / "interrupted", "--ckpt_path", "last", **settings)
+
+    # The interrupted evaluation ran again, whole: the same eval/* values at the same steps as without the stop.
+    expected = eval_scalars(tmp_path / "straight_through")
+    assert len(expected["eval/success_rate"]) == 2
+    assert eval_scalars(tmp_path / "interrupted") == expected
+    assert sorted(path.name for path in checkpoints.glob("*.ckpt")) == [
+        "epoch=0-step=9.ckpt", "epoch=1-step=18.ckpt", "last.ckpt"]
+    straight, resumed = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+                         for run in (tmp_path / "straight_through", tmp_path / "interrupted"))
+    assert_same_tree(straight["td3_progress"], resumed["td3_progress"], "td3_progress")  # counters, RNG states
+    for name, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][name]), f"{name} differs after the resume"
 
 
 def under_a_regular_file(tmp_path: Path) -> Path:

@@ -112,8 +112,8 @@ class RestoredState(pl.Callback):
     """Records what a resumed run starts training from, to compare with the checkpoint it resumed."""
 
     def on_fit_start(self, trainer, module):
-        # Before Lightning's first batch fetch: creating the DataLoader iterator draws from torch's RNG (in an
-        # uninterrupted run too, at every epoch start).
+        # Before Lightning's first batch fetch, as the checkpoint left them (the loaders' iterators draw their seeds
+        # from the loaders' own generators, not from torch's RNG).
         self.rng = (torch.get_rng_state(), np.random.get_state(legacy=False), random.getstate())
 
     def on_train_start(self, trainer, module):  # optimizers are restored after on_fit_start
