@@ -68,6 +68,8 @@ def stop_together(trainer: pl.Trainer, module, failure: str | None = None, busy:
         if not signals and not failures:
             return busy_processes > 0
         reasons = gather_per_process((signal_name, failure))
+    if trainer.validating:  # stopping between two evaluation episodes
+        _evaluate_again_on_resume(trainer)
     failed = [(rank, why) for rank, (_, why) in enumerate(reasons) if why is not None]
     if failed:
         path = save_last_checkpoint(trainer)
@@ -134,8 +136,6 @@ class FaultTolerance(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, StopRequested):
-            if trainer.validating:  # between two evaluation episodes (the Collector's safe points there)
-                _evaluate_again_on_resume(trainer)
             exception.checkpoint = save_last_checkpoint(trainer)
             exception.resume_command = cli_command("fit", exception.checkpoint)
 
