@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
