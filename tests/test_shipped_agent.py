@@ -385,11 +385,11 @@ def test_the_shipped_agents_that_reached_their_target_drive_its_first_held_out_e
 def test_the_generalist_slows_down_in_dense_traffic_and_drives_both_ends_of_its_range():
     """One actor on two cells of configs/grids/generalist.yaml, its first held-out episodes: light traffic on a
     straight road and scenario 2 at twice its traffic on the curvy one. It reaches the goal in both, slower where the
-    traffic is (measured over 100 held-out episodes each: 88.8 and 60.4 km/h; IDM+MOBIL 83.8 and 59.6)."""
+    traffic is (measured over 100 held-out episodes each: 89.1 and 60.2 km/h; IDM+MOBIL 83.8 and 59.6)."""
     agent, trained_env = shipped_agent("generalist")
     assert trained_env.varying  # trained on the ranges, not on a cell
     cells = generalist_cells(trained_env)
-    seeds = [50000, 50001]
+    seeds = [60000, 60001]
     speeds = {}
     with torch.no_grad():
         for name in ("s0-straight", "s2x2-curvy"):
