@@ -92,13 +92,21 @@ def test_the_targets_are_measured_against_idm_mobil():
     assert missed == ["success 97 % < 99 %", "collisions 3 % > 2 %", "71.9 km/h < 72.0"]
 
 
+# The task distribution configs/experiments/generalist.yaml trains on; the generalist grids' cells build on it.
+GENERALIST_TRAINED_ON = EnvConfig(
+    scenario=[0, 1, 2], traffic_density={"low": 0.5, "high": 2.0}, layout=["straight", "curvy"],
+    lanes=[2, 3, 4], route_length_m={"low": 300, "high": 2000}, max_steps={"per_km": 500},
+)
+
+
+def generalist_grid_tasks(name: str) -> dict[str, dict]:
+    return {cell.name: cell.env.task()
+            for cell in read_grid(ROOT / "configs/grids" / f"{name}.yaml", GENERALIST_TRAINED_ON)}
+
+
 def test_the_shipped_generalist_grid_holds_the_twelve_tasks():
-    # over an agent trained on the distributions its cells are drawn from: every cell pins each of them
-    trained_on = EnvConfig(
-        scenario=[0, 1, 2], traffic_density={"low": 0.5, "high": 2.0}, layout=["straight", "curvy"],
-        lanes=[2, 3, 4], route_length_m={"low": 300, "high": 2000}, max_steps={"per_km": 500},
-    )
-    cells = {cell.name: cell.env.task() for cell in read_grid(ROOT / "configs/grids/generalist.yaml", trained_on)}
+    # every cell pins each of the distributions the agent trained on
+    cells = generalist_grid_tasks("generalist")
     assert len(cells) == 12
     assert cells["s1-curvy-2-km"] == dict(scenario=1, traffic_density=1.0, layout="curvy", lanes=3,
                                           route_length_m=2000, max_steps=1000)
@@ -108,6 +116,18 @@ def test_the_shipped_generalist_grid_holds_the_twelve_tasks():
         (scenario, layout) for scenario in (0, 1, 2) for layout in ("straight", "curvy")
     }
 
+
+
+def test_the_in_between_grid_holds_tasks_of_the_training_ranges_that_no_judged_cell_is():
+    judged = list(generalist_grid_tasks("generalist").values())
+    between = generalist_grid_tasks("generalist_between")
+    assert len(between) == 5
+    for name, task in between.items():
+        assert task not in judged, name
+        assert task["scenario"] in (0, 1, 2) and task["layout"] in ("straight", "curvy"), name
+        assert 0.5 <= task["traffic_density"] <= 2.0 and 2 <= task["lanes"] <= 4, name
+        assert 300 <= task["route_length_m"] <= 2000, name
+        assert task["max_steps"] == round(task["route_length_m"] / 1000 * 500), name
 
 def test_baselines_are_taken_from_an_earlier_grid_on_the_same_tasks_and_episodes_only(written, tmp_path, monkeypatch):
     driven = []
