@@ -14,9 +14,10 @@ from PIL import Image
 from lightning_td3 import grid
 from lightning_td3.baselines import IdmMobilPolicy, RandomPolicy
 from lightning_td3.envs import EnvConfig
+from lightning_td3.envs.config import TASK_SETTINGS
 from lightning_td3.evaluation import evaluate
 from lightning_td3.grid import meets_targets, read_grid
-from lightning_td3.run_config import trained_agent
+from lightning_td3.run_config import env_config_of, trained_agent
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = ROOT / "agents/scenario0_straight_capped.ckpt"
@@ -92,11 +93,8 @@ def test_the_targets_are_measured_against_idm_mobil():
     assert missed == ["success 97 % < 99 %", "collisions 3 % > 2 %", "71.9 km/h < 72.0"]
 
 
-# The task distribution configs/experiments/generalist.yaml trains on; the generalist grids' cells build on it.
-GENERALIST_TRAINED_ON = EnvConfig(
-    scenario=[0, 1, 2], traffic_density={"low": 0.5, "high": 2.0}, layout=["straight", "curvy"],
-    lanes=[2, 3, 4], route_length_m={"low": 300, "high": 2000}, max_steps={"per_km": 500},
-)
+# The env the generalist's recipe trains on (a distribution of tasks); the generalist grids' cells build on it.
+GENERALIST_TRAINED_ON = env_config_of(ROOT / "configs/experiments/generalist.yaml")
 
 
 def generalist_grid_tasks(name: str) -> dict[str, dict]:
@@ -117,17 +115,21 @@ def test_the_shipped_generalist_grid_holds_the_twelve_tasks():
     }
 
 
-
 def test_the_in_between_grid_holds_tasks_of_the_training_ranges_that_no_judged_cell_is():
     judged = list(generalist_grid_tasks("generalist").values())
     between = generalist_grid_tasks("generalist_between")
     assert len(between) == 5
+    trained = GENERALIST_TRAINED_ON
     for name, task in between.items():
         assert task not in judged, name
-        assert task["scenario"] in (0, 1, 2) and task["layout"] in ("straight", "curvy"), name
-        assert 0.5 <= task["traffic_density"] <= 2.0 and 2 <= task["lanes"] <= 4, name
-        assert 300 <= task["route_length_m"] <= 2000, name
-        assert task["max_steps"] == round(task["route_length_m"] / 1000 * 500), name
+        for setting in TASK_SETTINGS:
+            value, distribution = task[setting.name], getattr(trained, setting.name)
+            if isinstance(distribution, list):
+                assert value in distribution, (name, setting.name)
+            else:
+                assert distribution.low <= value <= distribution.high, (name, setting.name)
+        assert task["max_steps"] == trained.max_steps.steps(task["route_length_m"]), name
+
 
 def test_baselines_are_taken_from_an_earlier_grid_on_the_same_tasks_and_episodes_only(written, tmp_path, monkeypatch):
     driven = []
