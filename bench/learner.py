@@ -116,14 +116,14 @@ def profile_ours(module: TD3, loader, args) -> None:
 
     on_cuda = args.device == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    with profile(activities=activities) as profiler:
+    with profile(activities=activities, record_shapes=True) as profiler:
         wall_rate, _, _ = time_ours(module, loader, args)
-    averages = profiler.key_averages()
+    averages = profiler.key_averages(group_by_input_shape=True)  # each convolution on its own line
     key = "self_device_time_total" if on_cuda else "self_cpu_time_total"
     busy_ms = sum(getattr(event, key) for event in averages) / 1000 / (args.warmup + args.updates)
     where = "device kernels" if on_cuda else "this process's operations"
     print(f"profile: {1000 / wall_rate:.2f} ms wall per update; {where} {busy_ms:.2f} ms per update")
-    print(averages.table(sort_by=key, row_limit=15, max_name_column_width=60))
+    print(averages.table(sort_by=key, row_limit=15, max_name_column_width=40, max_shapes_column_width=70))
 
 
 def time_sb3(model, args) -> tuple[float, float]:
