@@ -108,12 +108,12 @@ def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
     both axes, the edge pixels repeated into the gap (DrQ's pad-and-crop). The frames of one stack move together,
     so the motion between them stays as recorded."""
     batch, channels, height, width = images.shape
-    offsets = torch.randint(0, 2 * max_shift + 1, (batch, 2), device=images.device)  # where each crop starts
+    span = 2 * max_shift + 1  # the rows (and columns) where a crop of the padded stack may start
+    offsets = torch.randint(0, span, (batch, 2), device=images.device)  # where each crop starts
     padded = _edge_padded(images, max_shift)
     # Every crop of the padded stacks as a strided view (batch, channels, row start, column start, height, width),
     # from which one indexing copy takes each stack's own crop: no index tensor the size of the images (building
     # one cost more than the copy), the offsets stay on the device (no host sync: a CUDA graph can hold it).
-    span = 2 * max_shift + 1
     batch_stride, channel_stride, row_stride, column_stride = padded.stride()
     crops = padded.as_strided(
         (batch, channels, span, span, height, width),
